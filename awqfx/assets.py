@@ -347,7 +347,7 @@ def _tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tens
     return torch.tensor(enc(text), dtype=torch.long)
 
 
-def _cut(ids: torch.Tensor, seq_len: int, n: int | None, what: str) -> torch.Tensor:
+def _cut(ids: torch.Tensor, seq_len: int, n: int | None, what: str, spread: bool = True) -> torch.Tensor:
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     if n is not None and n < 1:
@@ -367,17 +367,26 @@ def _cut(ids: torch.Tensor, seq_len: int, n: int | None, what: str) -> torch.Ten
             what, ids.numel(), available, seq_len, n,
         )
         n = available
-    return ids[: n * seq_len].view(n, seq_len).clone()
+    if not spread:
+        return ids[: n * seq_len].view(n, seq_len).clone()
+    windows = ids[: available * seq_len].view(available, seq_len)
+    if n < available:
+        # evenly spaced over the whole text, so a few windows still see every play
+        pick = torch.linspace(0, available - 1, n).round().long()
+        return windows[pick].clone()
+    return windows.clone()
 
 
-def text_windows(tokenizer, text: str, seq_len: int, n: int | None = None) -> torch.Tensor:
-    """Tokenize ``text`` and cut consecutive non-overlapping windows from its start: ``[n, seq_len]``.
+def text_windows(tokenizer, text: str, seq_len: int, n: int | None = None, spread: bool = True) -> torch.Tensor:
+    """Tokenize ``text`` and cut non-overlapping windows: ``[n, seq_len]``.
 
-    ``n=None`` -> every full window. Fewer than ``n`` available (but at least one) -> all of them
-    and a logged warning. Not even one -> ``ValueError`` with the token count.
+    ``spread=True``: ``n`` windows evenly spaced over the whole text (every play is represented in
+    a short run); ``spread=False``: the first ``n`` consecutive windows (tokenizes only what is
+    needed). ``n=None`` -> every full window. Fewer than ``n`` available (but at least one) -> all of
+    them and a logged warning. Not even one -> ``ValueError`` with the token count.
     """
-    ids = _tokenize(tokenizer, text, None if n is None else n * seq_len)
-    return _cut(ids, seq_len, n, "the text")
+    ids = _tokenize(tokenizer, text, None if (n is None or spread) else n * seq_len)
+    return _cut(ids, seq_len, n, "the text", spread)
 
 
 def _source_text(source: str | os.PathLike) -> tuple[str, str]:
@@ -404,13 +413,13 @@ def calibration_samples(
 
     ``source``: ``None`` -> the calibration plays of :func:`calibration_and_eval_split`; a file ->
     its text; a directory -> every ``.txt``/``.md`` file under it (sorted; ``.md`` stripped of
-    markdown like the plays). Windows are consecutive and non-overlapping from the start of the text.
+    markdown like the plays). Windows are non-overlapping and evenly spaced over the whole text.
     """
     if source is None:
         text, what = calibration_text(), "the calibration plays"
     else:
         text, what = _source_text(source)
-    ids = _tokenize(tokenizer, text, n_samples * seq_len)
+    ids = _tokenize(tokenizer, text, None)
     if ids.numel() < seq_len:
         raise ValueError(
             f"{what} too short: found {ids.numel()} tokens, need n_samples x seq_len = "

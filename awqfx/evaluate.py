@@ -105,5 +105,6 @@ def perplexity(
 
 
 def windows_for_eval(tokenizer, text: str, seq_len: int = 512, max_windows: int | None = None) -> torch.Tensor:
-    """``[N, seq_len]`` consecutive non-overlapping windows from the start of ``text`` (``N <= max_windows``)."""
+    """``[N, seq_len]`` non-overlapping windows of ``text``, evenly spaced over it when ``max_windows``
+    is smaller than the number available (``N <= max_windows``)."""
     return text_windows(tokenizer, text, seq_len, max_windows)

@@ -287,8 +287,18 @@ class _Propagator:
             a, b = (list(node.args) + [None, None])[:2]
             fa, fb = a in values, b in values
             if fa and fb:
-                block_all(f"{name} of two scaled operands")
-                return None
+                ia, ib = torch.broadcast_to(values[a], out_shape), torch.broadcast_to(values[b], out_shape)
+                if name == "div" or bool(((ia >= 0) & (ib >= 0) & (ia == ib)).any()):
+                    block_all(f"{name} of two scaled operands")
+                    return None
+                # Disjoint channels on both sides (relu(gate) * up of one fused linear): scaling both
+                # would multiply two scales into one column, so keep one operand's channels and block
+                # the other's -- the one behind a homogeneous activation, else the first.
+                keep_b = op_name(self.gm, a) in HOMOGENEOUS if isinstance(a, fx.Node) else True
+                keep_b = keep_b or not (isinstance(b, fx.Node) and op_name(self.gm, b) in HOMOGENEOUS)
+                drop, keep = (a, ib) if keep_b else (b, ia)
+                flow.block(node, f"{name} of two scaled operands", _ids_in(values[drop]))
+                return keep.clone()
             if name == "div" and fb:
                 block_all("div by scaled channels")
                 return None

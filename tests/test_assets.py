@@ -320,3 +320,13 @@ def test_gguf_interrupted_conversion_leaves_no_cache(fake_gguf, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         assets.load_model(gguf)
     assert list((assets.cache_dir() / "hf").iterdir()) == []
+
+
+def test_text_windows_are_spread_over_the_text():
+    tok = CharTokenizer()
+    text = "".join(chr(ord("a") + i) * 8 for i in range(10))  # 10 windows of 8 identical chars
+    spread = assets.text_windows(tok, text, seq_len=8, n=3)
+    first = assets.text_windows(tok, text, seq_len=8, n=3, spread=False)
+    whole = assets._tokenize(tok, text).view(10, 8)
+    assert torch.equal(spread, whole[[0, 4, 9]]) or torch.equal(spread, whole[[0, 5, 9]])
+    assert torch.equal(first, whole[:3])

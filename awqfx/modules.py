@@ -1,0 +1,281 @@
+"""Quantized modules.
+
+:class:`QuantLinear` is the inference-time replacement for ``nn.Linear`` after AWQ. It holds only
+packed integer codes plus per-group scales and zero points, and runs one of the
+:mod:`awqfx.kernels` custom ops in ``forward`` (so graphs using it re-export with
+``torch.export`` and save as ``.pt2``).
+
+Storage and device moves
+------------------------
+The **source of truth** is the portable packing, held in persistent buffers (this is all that
+``state_dict`` contains besides an optional bias):
+
+* ``qweight``  int32 ``[out, ceil(in * bits / 32)]``: codes packed along ``in`` as one dense
+  LSB-first bit stream per row (:func:`awqfx.packing.pack_int32`; the compressed-tensors
+  ``weight_packed`` layout), 2..8 bits.
+* ``scales``   float32 ``[out, n_groups]`` (kept fp32 even under ``module.half()`` /
+  ``.to(torch.bfloat16)``, so :meth:`QuantLinear.dequantize_weight` stays exact).
+* ``qzeros``   uint8 ``[out, n_groups]``: unsigned integer zero points (symmetric: ``2**(bits-1)``).
+* ``bias``     optional, float, follows the module's dtype casts like any buffer.
+
+When the ``int4pack`` backend is active, a **kernel cache** is derived from those buffers for the
+device they live on and kept in two *non-persistent* buffers (``_int4_weight``,
+``_int4_scale_zeros``; not in ``state_dict``, but captured by ``torch.export``). It is built when
+the module is created, rebuilt after every ``_apply`` that changes the device or the cache's
+dtype (``.to(device)``, ``.cuda()``, ``.cpu()``, ``.half()``, ``to_empty``...) and after
+``load_state_dict``; call :meth:`QuantLinear.refresh` after editing the buffers in place by hand.
+The CPU and CUDA int4 layouts differ, so moving CPU -> CUDA re-packs from ``qweight`` (not from
+the CPU layout). On a device without an int4 kernel (meta, mps, CUDA < sm80, or a layer the
+kernel can't take) the module falls back to the ``dequant`` path. The cache costs extra memory
+(about as much again as ``qweight`` plus a bf16 copy of scales/zeros); :meth:`weight_bytes`
+reports it.
+
+A ``.pt2`` exported with the int4pack backend holds the device-specific layout: export on the
+device you will run on, or use ``backend="dequant"`` for a device-portable program.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from awqfx import kernels  # noqa: F401  (registers torch.ops.awqfx.*)
+from awqfx.kernels import (
+    dequantize_packed,
+    int4pack_layer_supported,
+    int4pack_supported,
+    pack_int4_scale_zeros,
+    pack_int4_weight,
+    unpack_codes,
+)
+from awqfx.packing import pack_int32, packed_length
+from awqfx.quant import num_groups
+
+__all__ = ["QuantLinear"]
+
+_BACKENDS = ("auto", "int4pack", "dequant")
+_SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def _rebuild_after_load(module: "QuantLinear", incompatible_keys) -> None:
+    # module-level (not a lambda) so the module stays picklable
+    module.refresh()
+
+
+class QuantLinear(nn.Module):
+    """``nn.Linear`` replacement with group-wise quantized weights (see the module docstring).
+
+    Build it with :meth:`from_quantized`. The constructor only allocates zero-filled buffers
+    of the right shapes (useful to create a skeleton and ``load_state_dict`` into it); it does
+    not build the int4 kernel cache (``load_state_dict``, a device move or :meth:`refresh` do).
+
+    ``backend``:
+        ``"auto"``: int4pack when the layer and current device allow it, else dequant.
+        ``"int4pack"``: PyTorch's int4 kernels (4 bits, group 32/64/128/256, ``in % group == 0``,
+        CPU ``out % 16 == 0`` / CUDA sm80+ ``out % 8 == 0``); bf16 compute. Raises if the layer
+        can never use it; falls back to dequant (with a warning) on an unsupported device.
+        ``"dequant"``: dequantize this layer per call and ``F.linear`` in the input dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int = 4,
+        group_size: int = 128,
+        bias: bool = False,
+        backend: str = "auto",
+        symmetric: bool = False,
+        device: torch.device | str | None = None,
+        bias_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if bits not in _SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {_SUPPORTED_BITS}, got {bits}")
+        if group_size != -1 and group_size <= 0:
+            raise ValueError(f"group_size must be positive or -1, got {group_size}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.symmetric = symmetric
+        self.backend = backend
+        if backend == "int4pack":
+            ok, reason = int4pack_layer_supported(in_features, bits, group_size)
+            if not ok:
+                raise ValueError(f"backend='int4pack' cannot run this layer: {reason}")
+
+        ng = num_groups(in_features, group_size)
+        self.register_buffer(
+            "qweight",
+            torch.zeros(out_features, packed_length(in_features, bits), dtype=torch.int32, device=device),
+        )
+        self.register_buffer("scales", torch.zeros(out_features, ng, dtype=torch.float32, device=device))
+        self.register_buffer("qzeros", torch.zeros(out_features, ng, dtype=torch.uint8, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
+        else:
+            self.register_buffer("bias", None)
+        self.register_buffer("_int4_weight", None, persistent=False)
+        self.register_buffer("_int4_scale_zeros", None, persistent=False)
+        self._int4_device: Optional[torch.device] = None
+        self._active = "dequant"
+        self._warned = False
+        # the kernel cache is built by from_quantized / load_state_dict / device moves / refresh()
+        self.register_load_state_dict_post_hook(_rebuild_after_load)
+
+    # ---------------------------------------------------------------------------------------
+    # construction
+    # ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_quantized(cls, qw, bias: Optional[Tensor] = None, backend: str = "auto") -> "QuantLinear":
+        """Build from an ``awqfx.quant.QuantizedWeight`` (codes, fp32 scales, int zeros)."""
+        if len(qw.shape) != 2:
+            raise ValueError(f"QuantLinear takes a 2-D [out, in] weight, got shape {tuple(qw.shape)}")
+        out_features, in_features = (int(d) for d in qw.shape)
+        spec = qw.spec
+        if tuple(qw.q.shape) != (out_features, in_features):
+            raise ValueError(f"q has shape {tuple(qw.q.shape)}, expected {(out_features, in_features)}")
+        ng = num_groups(in_features, spec.group_size)
+        if tuple(qw.scale.shape) != (out_features, ng) or tuple(qw.zero.shape) != (out_features, ng):
+            raise ValueError(
+                f"scale/zero must be [{out_features}, {ng}], got {tuple(qw.scale.shape)} / {tuple(qw.zero.shape)}"
+            )
+        zero = qw.zero.to(torch.int32)
+        if zero.numel() and (int(zero.min()) < 0 or int(zero.max()) > 255):
+            raise ValueError("zero points must lie in 0..255 (unsigned zero point)")
+        dev = qw.q.device
+        if backend == "int4pack":
+            ok, reason = int4pack_supported(out_features, in_features, spec.bits, spec.group_size, dev)
+            if not ok:
+                raise ValueError(f"backend='int4pack' cannot run this layer on {dev}: {reason}")
+        m = cls(
+            in_features,
+            out_features,
+            bits=spec.bits,
+            group_size=spec.group_size,
+            bias=bias is not None,
+            backend=backend,
+            symmetric=spec.symmetric,
+            device="meta",  # no throw-away allocations; real buffers are assigned below
+        )
+        with torch.no_grad():
+            packed = pack_int32(qw.q.to(torch.int32), spec.bits, dim=-1).to(torch.int32).contiguous()
+            if tuple(packed.shape) != tuple(m.qweight.shape):
+                raise RuntimeError(f"pack_int32 gave {tuple(packed.shape)}, expected {tuple(m.qweight.shape)}")
+            m.qweight = packed
+            m.scales = qw.scale.detach().to(device=dev, dtype=torch.float32).contiguous()
+            m.qzeros = zero.to(device=dev, dtype=torch.uint8).contiguous()
+            if bias is not None:
+                m.bias = bias.detach().to(dev).clone()
+        m.refresh()
+        return m
+
+    # ---------------------------------------------------------------------------------------
+    # kernel cache management
+    # ---------------------------------------------------------------------------------------
+
+    @property
+    def active_backend(self) -> str:
+        """The backend ``forward`` uses right now on the current device."""
+        return self._active
+
+    def refresh(self, force: bool = True) -> None:
+        """(Re)build the device-specific kernel cache from the portable buffers."""
+        dev = self.qweight.device
+        if self.backend == "dequant":
+            ok, reason = False, "backend='dequant'"
+        elif dev.type == "meta":
+            ok, reason = False, "meta device"
+        else:
+            ok, reason = int4pack_supported(
+                self.out_features, self.in_features, self.bits, self.group_size, dev
+            )
+        if not ok:
+            if self.backend == "int4pack" and dev.type != "meta" and not self._warned:
+                warnings.warn(f"QuantLinear: int4pack unavailable ({reason}); using dequant", stacklevel=3)
+                self._warned = True
+            self._int4_weight = None
+            self._int4_scale_zeros = None
+            self._int4_device = None
+            self._active = "dequant"
+            return
+        cached = (
+            self._int4_weight is not None
+            and self._int4_scale_zeros is not None
+            and self._int4_device == dev
+            and self._int4_weight.device == dev
+            and self._int4_scale_zeros.dtype == torch.bfloat16
+        )
+        if force or not cached:
+            with torch.no_grad():
+                q = unpack_codes(self.qweight, self.bits, self.in_features)
+                self._int4_weight = pack_int4_weight(q, dev)
+                self._int4_scale_zeros = pack_int4_scale_zeros(self.scales, self.qzeros)
+            self._int4_device = dev
+        self._active = "int4pack"
+
+    def _apply(self, fn, recurse: bool = True):
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self.scales is not None and self.scales.dtype != torch.float32 and scales.dtype == torch.float32:
+            # a dtype cast (model.half(), .to(bf16)) must not round the quantization scales
+            self.scales = scales.to(device=self.scales.device)
+        self.refresh(force=False)
+        return self
+
+    # ---------------------------------------------------------------------------------------
+    # compute
+    # ---------------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._active == "int4pack":
+            return torch.ops.awqfx.int4_linear(
+                x, self._int4_weight, self._int4_scale_zeros, self.group_size, self.bias
+            )
+        return torch.ops.awqfx.dequant_linear(
+            x,
+            self.qweight,
+            self.scales,
+            self.qzeros,
+            self.bits,
+            self.group_size,
+            self.in_features,
+            self.bias,
+        )
+
+    def dequantize_weight(self) -> Tensor:
+        """The exact fp32 weight ``(q - zero) * scale`` (== ``QuantizedWeight.dequantize()``)."""
+        return dequantize_packed(
+            self.qweight, self.scales, self.qzeros, self.bits, self.group_size, self.in_features
+        )
+
+    def weight_bytes(self, include_kernel_cache: bool = True) -> int:
+        """Resident bytes of the packed weight buffers (qweight, scales, qzeros, and the int4
+        kernel cache unless ``include_kernel_cache=False``); the bias is not counted."""
+        names = ["qweight", "scales", "qzeros"]
+        if include_kernel_cache:
+            names += ["_int4_weight", "_int4_scale_zeros"]
+        total = 0
+        for name in names:
+            t = getattr(self, name)
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total
+
+    def extra_repr(self) -> str:
+        g = "per-channel" if self.group_size == -1 else self.group_size
+        s = (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={g}, symmetric={self.symmetric}, bias={self.bias is not None}, "
+            f"backend={self._active}"
+        )
+        if self.backend != self._active:
+            s += f" (requested {self.backend})"
+        return s
