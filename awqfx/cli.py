@@ -97,6 +97,145 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _config_from_args(args: argparse.Namespace, **over):
+    from awqfx.config import AWQConfig
+
+    kw = dict(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, scale_form=args.scale_form,
+              clip=args.clip, n_grid=args.n_grid, loss_samples=args.loss_samples, propagate=args.propagate,
+              device=getattr(args, "device", None), method=getattr(args, "method", "awq"))
+    kw.update(over)
+    try:
+        return AWQConfig(**kw)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _check_device(device: str | None) -> None:
+    if device and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for, but no CUDA device is available; use --device cpu")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from awqfx.workflow import quantize_model
+
+    _model_kind(args.model)
+    _check_device(args.device)
+    if args.samples < 1 or args.seq_len < 2:
+        raise UsageError(f"--samples must be >= 1 and --seq-len >= 2 (got {args.samples}, {args.seq_len})")
+    if args.eval and args.eval != "-" and not Path(args.eval).is_file():
+        raise UsageError(f"--eval {args.eval!r} is not a file (use '-' for the bundled held-out plays)")
+    if args.calib and not Path(args.calib).exists():
+        raise UsageError(f"--calib {args.calib!r} does not exist (give a text file or a directory of .txt/.md files)")
+    if Path(args.out).exists() and not args.overwrite:
+        raise UsageError(f"--out {args.out} already exists; pass --overwrite to replace it")
+    cfg = _config_from_args(args)
+    try:
+        rep = quantize_model(args.model, args.out, cfg, fmt=args.format, calib_source=args.calib, samples=args.samples,
+                             seq_len=args.seq_len, eval_file=args.eval, eval_windows=args.eval_windows,
+                             overwrite=args.overwrite, progress=not args.quiet)
+    except ValueError as e:
+        if str(e).startswith("--format"):
+            raise UsageError(str(e)) from None
+        raise
+    print("\nawqfx quantize: done\n" + rep.table())
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from awqfx.workflow import compare_methods, plot_results
+
+    _model_kind(args.model)
+    try:
+        bits = sorted({int(b) for b in args.bits.split(",") if b.strip()})
+    except ValueError:
+        raise UsageError(f"--bits takes comma-separated integers like 3,4 (got {args.bits!r})") from None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ("fp", "rtn", "awq")]
+    if bad or not methods:
+        raise UsageError(f"--methods takes a comma-separated subset of fp,rtn,awq (got {args.methods!r})")
+    for b in bits:
+        _config_from_args(args, bits=b)  # validates every combination before any work
+    if args.max_windows is not None and args.max_windows < 1:
+        raise UsageError("--max-windows must be >= 1")
+    if args.text is None:
+        from awqfx.assets import eval_text
+
+        text = eval_text()
+    elif not Path(args.text).is_file():
+        raise UsageError(f"--text {args.text!r} is not a file")
+    else:
+        text = Path(args.text).read_text(encoding="utf-8", errors="replace")
+    base = dict(symmetric=args.symmetric, scale_form=args.scale_form, clip=args.clip, n_grid=args.n_grid,
+                loss_samples=args.loss_samples, propagate=args.propagate)
+    res = compare_methods(args.model, text, bits, args.group_size, methods, max_windows=args.max_windows,
+                          seq_len=args.seq_len, samples=args.samples, calib_source=args.calib, base_config=base,
+                          progress=not args.quiet)
+    print(f"\nperplexity on {res['windows']} windows x {res['seq_len']} tokens, group size {res['group_size']}\n")
+    rows = [[r["method"], r["bits"], f"{r['ppl']:.3f}",
+             f"{r['gap_recovered']:.1%}" if "gap_recovered" in r else "",
+             f"{r.get('quantize_seconds', 0):.0f}" if "quantize_seconds" in r else ""] for r in res["rows"]]
+    print(_table(rows, ["method", "bits", "perplexity", "RTN gap recovered", "quantize s"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+        print(f"\nJSON written to {args.json}")
+    if args.plot:
+        plot_results(res, args.plot)
+        print(f"plot written to {args.plot}")
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from awqfx.bench import format_bench, run_bench
+
+    _model_kind(args.model)
+    _check_device(args.device)
+    _config_from_args(args, method="rtn")
+    res = run_bench(args.model, bits=args.bits, group_size=args.group_size, prompt_len=args.prompt_len,
+                    new_tokens=args.new_tokens, repeats=args.repeats, device=args.device or "cpu")
+    print(format_bench(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+        print(f"\nJSON written to {args.json}")
+    return EXIT_OK
+
+
+def _quant_flags(p: argparse.ArgumentParser, group_size: int, multi_bits: bool = False) -> None:
+    from awqfx.config import AWQConfig
+
+    d = AWQConfig()  # flag defaults are the library's (measured) defaults
+    g = p.add_argument_group("quantization")
+    if multi_bits:
+        g.add_argument("--bits", default="3,4", help="comma-separated weight bit widths, each 2..8 (default 3,4)")
+    else:
+        g.add_argument("--bits", type=int, default=d.bits, help=f"weight bits, 2..8 (default {d.bits})")
+    g.add_argument("--group-size", type=int, default=group_size,
+                   help=f"weights per quantization group along the input dim; -1 = per output channel (default {group_size}); "
+                        "a ragged last group is fine")
+    g.add_argument("--symmetric", action="store_true", help="symmetric quantization (no zero point); default asymmetric")
+    s = p.add_argument_group("AWQ search")
+    s.add_argument("--scale-form", choices=["x", "duo", "both"], default=d.scale_form,
+                   help=f"scale grid: x_mean^a (x), x_mean^a / w_mean^(1-a) (duo), or both (default {d.scale_form})")
+    s.add_argument("--clip", choices=["asym", "sym", "none"], default=d.clip,
+                   help=f"weight clipping search: asym (min and max), sym (max |w|) or none (default {d.clip})")
+    s.add_argument("--n-grid", type=int, default=d.n_grid, help=f"grid points for the scale exponent (default {d.n_grid})")
+    s.add_argument("--loss-samples", type=int, default=d.loss_samples,
+                   help=f"calibration sequences kept for the search losses (default {d.loss_samples})")
+    s.add_argument("--propagate", choices=["fp", "quant"], default=d.propagate,
+                   help="later groups see float (fp, reference) or already-quantized (quant) earlier outputs "
+                        f"(default {d.propagate})")
+
+
+def _calib_flags(p: argparse.ArgumentParser) -> None:
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calib", metavar="FILE|DIR", help="calibration text: a file or a directory of .txt/.md "
+                   "(default: the bundled Shakespeare calibration plays)")
+    c.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
+    c.add_argument("--seq-len", type=int, default=512, help="tokens per calibration/evaluation sequence (default 512)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="awqfx",
@@ -113,6 +252,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the groups and rejections as JSON")
     p.add_argument("--graph", metavar="FILE", help="draw the graph with scalable edges highlighted (.svg or .html)")
     p.set_defaults(func=cmd_inspect)
+
+    q = sub.add_parser("quantize", help="quantize a model with AWQ and save it",
+                       description="Load MODEL, calibrate on text, search AWQ scales and clipping, pack the weights "
+                       "and save a quantized model to --out. Shows progress per stage and prints a summary (groups, "
+                       "time per stage, peak memory, size before/after, perplexity before/after with --eval). "
+                       "Nothing is left in --out if the run fails or is interrupted.")
+    q.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="Hugging Face model directory or .gguf file (default: bundled SmolLM2-135M)")
+    q.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.add_argument("--format", choices=["awqfx", "autoawq", "compressed-tensors"], default="awqfx",
+                   help="awqfx (native, any bits/groups), autoawq (GEMM layout, 4-bit, in %% group == 0) or "
+                        "compressed-tensors (pack-quantized, no ragged groups) (default awqfx)")
+    q.add_argument("--device", choices=["cpu", "cuda"], default=None, help="where calibration and search run (default: cpu)")
+    q.add_argument("--method", choices=["awq", "rtn"], default="awq", help="awq (default) or rtn (round-to-nearest baseline)")
+    q.add_argument("--eval", metavar="FILE", help="report perplexity before/after on this text file ('-': bundled held-out plays)")
+    q.add_argument("--eval-windows", type=int, default=16, help="512-token windows for --eval (default 16)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    _quant_flags(q, 128)
+    _calib_flags(q)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of fp / RTN / AWQ across bit widths",
+                       description="Quantize MODEL with each method at each bit width (fake-quant graphs) and print "
+                       "perplexity on non-overlapping windows of --text; optionally write JSON and a PNG plot.")
+    e.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="Hugging Face model directory or .gguf file (default: bundled SmolLM2-135M)")
+    e.add_argument("--text", metavar="FILE", help="evaluation text (default: the bundled held-out plays)")
+    e.add_argument("--methods", default="fp,rtn,awq", help="comma-separated subset of fp,rtn,awq (default all)")
+    e.add_argument("--max-windows", type=int, default=16, help="evaluate at most this many windows, spread over the text (default 16)")
+    e.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    e.add_argument("--plot", metavar="FILE.png", help="write a perplexity-vs-bits plot")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    _quant_flags(e, 64, multi_bits=True)
+    _calib_flags(e)
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="size and speed: fp32, bf16 and packed int4",
+                       description="Measure on-disk size, resident weight bytes, prefill and decode tokens/s of the "
+                       "model in fp32, bf16 and packed low-bit form (CPU, or CUDA with --device cuda).")
+    b.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="Hugging Face model directory or .gguf file (default: bundled SmolLM2-135M)")
+    b.add_argument("--prompt-len", type=int, default=128, help="prefill length in tokens (default 128)")
+    b.add_argument("--new-tokens", type=int, default=32, help="decode steps (default 32)")
+    b.add_argument("--repeats", type=int, default=3, help="take the best of this many runs (default 3)")
+    b.add_argument("--device", choices=["cpu", "cuda"], default=None, help="device (default cpu)")
+    b.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    _quant_flags(b, 64)
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 from awqfx.graph import example_value, fetch_attr
 from awqfx.groups import ScaleGroup
 
-__all__ = ["fold_scales", "get_param", "set_param", "full_scale", "column_scale"]
+__all__ = ["fold_scales", "fold_parameters", "get_param", "set_param", "full_scale", "column_scale"]
 
 
 def get_param(gm: nn.Module, name: str) -> torch.Tensor:
@@ -66,6 +66,44 @@ def _along(v: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
     return v.reshape(shape)
 
 
+def fold_parameters(module: nn.Module, group: ScaleGroup, s_full: torch.Tensor) -> None:
+    """The parameter part of one group's transform, on any module holding the parameters by FQN
+    (a GraphModule or the model's own module tree): the producer's weight (norm ``(w + offset)/s
+    - offset``, linear rows ``/ s``) and bias ``/ s``, and every consumer's columns ``* s[channel]``.
+    An activation producer has no parameter: its ``1/s`` is applied by the caller (a graph node or
+    a hook). Math in float64, stored back in each parameter's dtype.
+    """
+    s = s_full.to(torch.float64)
+    p = group.producer
+    if p.kind == "norm":
+        w = get_param(module, p.weight).detach().to(torch.float64)
+        set_param(module, p.weight, (w + p.offset) / s - p.offset)
+    elif p.kind == "linear":
+        w = get_param(module, p.weight).detach().to(torch.float64)
+        set_param(module, p.weight, w / _along(s, p.out_dim, w.dim()))
+    if p.bias is not None:
+        b = get_param(module, p.bias).detach().to(torch.float64)
+        set_param(module, p.bias, b / s)
+    for c in group.consumers:
+        w = get_param(module, c.weight).detach().to(torch.float64)
+        set_param(module, c.weight, w * _along(column_scale(c.columns, s), c.in_dim, w.dim()))
+
+
+def _insert_scale_node(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor, attr: str) -> None:
+    """``node -> mul(node, 1/s)`` for every user of ``node`` (AutoAWQ's ScaledActivation as a node)."""
+    dtype = getattr(example_value(node), "dtype", torch.float32)
+    while hasattr(gm, attr):
+        attr += "_"
+    gm.register_buffer(attr, (1.0 / s.to(torch.float64)).to(dtype))
+    with gm.graph.inserting_after(node):
+        inv = gm.graph.get_attr(attr)
+    with gm.graph.inserting_after(inv):
+        scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (node, inv))
+    node.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+    scaled.meta = dict(node.meta)
+    inv.meta["val"] = getattr(gm, attr)
+
+
 def fold_scales(
     gm: fx.GraphModule,
     groups: Sequence[ScaleGroup],
@@ -90,34 +128,10 @@ def fold_scales(
         s = full_scale(g, scales[g.name]).to(torch.float64)
         if not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
             raise ValueError(f"scales for {g.name} must be finite and positive")
-        p = g.producer
-        if p.kind == "norm":
-            w = get_param(gm, p.weight).detach().to(torch.float64)
-            set_param(gm, p.weight, (w + p.offset) / s - p.offset)
-        elif p.kind == "linear":
-            w = get_param(gm, p.weight).detach().to(torch.float64)
-            set_param(gm, p.weight, w / _along(s, p.out_dim, w.dim()))
-        else:
-            node = by_name[p.node]
-            dtype = getattr(example_value(node), "dtype", torch.float32)
-            attr = f"awqfx_scale_{k}"
-            while hasattr(gm, attr):
-                attr += "_"
-            gm.register_buffer(attr, (1.0 / s).to(dtype))
-            with gm.graph.inserting_after(node):
-                inv = gm.graph.get_attr(attr)
-            with gm.graph.inserting_after(inv):
-                scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (node, inv))
-            node.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
-            scaled.meta = dict(node.meta)
-            inv.meta["val"] = getattr(gm, attr)
+        if g.producer.kind == "activation":
+            _insert_scale_node(gm, by_name[g.producer.node], s, f"awqfx_scale_{k}")
             inserted = True
-        if p.bias is not None:
-            b = get_param(gm, p.bias).detach().to(torch.float64)
-            set_param(gm, p.bias, b / s)
-        for c in g.consumers:
-            w = get_param(gm, c.weight).detach().to(torch.float64)
-            set_param(gm, c.weight, w * _along(column_scale(c.columns, s).to(torch.float64), c.in_dim, w.dim()))
+        fold_parameters(gm, g, s)
     if inserted:
         gm.recompile()
     return gm

@@ -6,13 +6,14 @@ import json
 import pytest
 
 from awqfx.cli import main
-from tiny_models import build
+from awqfx.export import load_quantized
+from tiny_models import build, save_model_dir, token_ids
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
-    build("llama").save_pretrained(path)
+    save_model_dir(path, "llama")
     return path
 
 
@@ -55,10 +56,93 @@ def test_bad_graph_suffix_and_no_command(tiny_dir, capsys):
     assert main([]) == 2
 
 
-def test_help_documents_every_flag(capsys):
+@pytest.mark.parametrize("cmd, flags", [
+    ("inspect", ["--json", "--graph", "MODEL"]),
+    ("quantize", ["--bits", "--group-size", "--out", "--calib", "--samples", "--seq-len", "--format", "--device",
+                  "--eval", "--overwrite", "--symmetric", "--scale-form", "--clip", "--propagate", "--method"]),
+    ("eval", ["--text", "--bits", "--group-size", "--methods", "--json", "--max-windows", "--plot"]),
+    ("bench", ["--prompt-len", "--new-tokens", "--repeats", "--device", "--json", "--bits"]),
+])
+def test_help_documents_every_flag(cmd, flags, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["inspect", "--help"])
+        main([cmd, "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--json", "--graph", "MODEL"):
+    for flag in flags:
         assert flag in text
+
+
+QUICK = ["--samples", "4", "--seq-len", "16", "--quiet", "--n-grid", "4"]
+
+
+def test_quantize_end_to_end_and_load(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    rc = main(["quantize", str(tiny_dir), "--out", str(out), "--group-size", "32", "--eval", "-", "--eval-windows", "2"] + QUICK)
+    assert rc == 0
+    text = capsys.readouterr().out
+    for needle in ("scale groups              9 found", "quantized weights", "perplexity before", "perplexity after",
+                   "time: search", "peak memory", "size after"):
+        assert needle in text
+    model = load_quantized(out)
+    ids = token_ids()
+    import torch
+
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    assert (out / "awq_plan" / "plan.json").is_file() and (out / "tokenizer.json").is_file()
+    # --out exists now: refused with a usage error unless --overwrite
+    assert main(["quantize", str(tiny_dir), "--out", str(out)] + QUICK) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_quantize_refuses_bad_input_before_work(tiny_dir, tmp_path, capsys):
+    assert main(["quantize", str(tiny_dir), "--out", str(tmp_path / "a"), "--bits", "9"] + QUICK) == 2
+    assert "bits" in capsys.readouterr().err
+    assert main(["quantize", str(tiny_dir), "--out", str(tmp_path / "b"), "--group-size", "0"] + QUICK) == 2
+    capsys.readouterr()
+    # hidden 64 is not a multiple of 48: AutoAWQ cannot store it, refused before calibration
+    assert main(["quantize", str(tiny_dir), "--out", str(tmp_path / "c"), "--group-size", "48", "--format", "autoawq"] + QUICK) == 2
+    assert "--format autoawq needs in_features divisible" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    assert main(["quantize", str(tiny_dir), "--out", str(tmp_path / "d"), "--calib", "/nonexistent"] + QUICK) == 2
+
+
+def test_quantize_autoawq_and_compressed_tensors_formats(tiny_dir, tmp_path):
+    import json
+
+    for fmt, method in (("autoawq", "awq"), ("compressed-tensors", "rtn")):
+        out = tmp_path / fmt
+        assert main(["quantize", str(tiny_dir), "--out", str(out), "--group-size", "32", "--format", fmt,
+                     "--method", method] + QUICK) == 0
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert qc["quant_method"] == ("awq" if fmt == "autoawq" else "compressed-tensors")
+
+
+def test_eval_table_json_and_plot(tiny_dir, tmp_path, capsys):
+    import json
+
+    js, png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = main(["eval", str(tiny_dir), "--bits", "3,4", "--group-size", "32", "--max-windows", "2",
+               "--json", str(js), "--plot", str(png)] + QUICK)
+    assert rc == 0
+    res = json.loads(js.read_text())
+    assert [(r["method"], r["bits"]) for r in res["rows"]] == [("fp", 32), ("rtn", 3), ("awq", 3), ("rtn", 4), ("awq", 4)]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "RTN gap recovered" in capsys.readouterr().out
+    assert main(["eval", str(tiny_dir), "--methods", "fp,gptq"]) == 2
+
+
+def test_bench_prints_table(tiny_dir, tmp_path, capsys):
+    import json
+
+    js = tmp_path / "b.json"
+    assert main(["bench", str(tiny_dir), "--group-size", "32", "--prompt-len", "8", "--new-tokens", "2",
+                 "--repeats", "1", "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    names = [r["model"] for r in res["rows"]]
+    assert names[:2] == ["fp32", "bf16"] and "packed" in names[2]
+    packed = res["rows"][2]
+    assert packed["quantized_layers_vs_bf16"] < 0.35
+    assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in res["rows"])
+    assert "decode tok/s" in capsys.readouterr().out

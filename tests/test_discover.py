@@ -29,51 +29,24 @@ def summarize(group: ScaleGroup) -> str:
     return f"{group.producer.kind} {group.producer.weight or group.producer.node}[{chans}] -> {' '.join(cons)}"
 
 
+# llama, qwen2, qwen3 (q/k norms are blocked, not grouped) and mistral share one layout
+LLAMA_LIKE = [
+        "norm model.layers.0.input_layernorm.weight[0:64] -> model.layers.0.self_attn.q_proj.weight model.layers.0.self_attn.k_proj.weight model.layers.0.self_attn.v_proj.weight",
+        "linear model.layers.0.self_attn.v_proj.weight[0:32] -> model.layers.0.self_attn.o_proj.weightx2",
+        "norm model.layers.0.post_attention_layernorm.weight[0:64] -> model.layers.0.mlp.gate_proj.weight model.layers.0.mlp.up_proj.weight",
+        "linear model.layers.0.mlp.up_proj.weight[0:96] -> model.layers.0.mlp.down_proj.weight",
+        "norm model.layers.1.input_layernorm.weight[0:64] -> model.layers.1.self_attn.q_proj.weight model.layers.1.self_attn.k_proj.weight model.layers.1.self_attn.v_proj.weight",
+        "linear model.layers.1.self_attn.v_proj.weight[0:32] -> model.layers.1.self_attn.o_proj.weightx2",
+        "norm model.layers.1.post_attention_layernorm.weight[0:64] -> model.layers.1.mlp.gate_proj.weight model.layers.1.mlp.up_proj.weight",
+        "linear model.layers.1.mlp.up_proj.weight[0:96] -> model.layers.1.mlp.down_proj.weight",
+        "norm model.norm.weight[0:64] -> lm_head.weight(noquant)",
+]
+
 EXPECTED = {
-    "llama": [
-        "norm model.layers.0.input_layernorm.weight[0:64] -> model.layers.0.self_attn.q_proj.weight model.layers.0.self_attn.k_proj.weight model.layers.0.self_attn.v_proj.weight",
-        "linear model.layers.0.self_attn.v_proj.weight[0:32] -> model.layers.0.self_attn.o_proj.weightx2",
-        "norm model.layers.0.post_attention_layernorm.weight[0:64] -> model.layers.0.mlp.gate_proj.weight model.layers.0.mlp.up_proj.weight",
-        "linear model.layers.0.mlp.up_proj.weight[0:96] -> model.layers.0.mlp.down_proj.weight",
-        "norm model.layers.1.input_layernorm.weight[0:64] -> model.layers.1.self_attn.q_proj.weight model.layers.1.self_attn.k_proj.weight model.layers.1.self_attn.v_proj.weight",
-        "linear model.layers.1.self_attn.v_proj.weight[0:32] -> model.layers.1.self_attn.o_proj.weightx2",
-        "norm model.layers.1.post_attention_layernorm.weight[0:64] -> model.layers.1.mlp.gate_proj.weight model.layers.1.mlp.up_proj.weight",
-        "linear model.layers.1.mlp.up_proj.weight[0:96] -> model.layers.1.mlp.down_proj.weight",
-        "norm model.norm.weight[0:64] -> lm_head.weight(noquant)",
-    ],
-    "qwen2": [
-        "norm model.layers.0.input_layernorm.weight[0:64] -> model.layers.0.self_attn.q_proj.weight model.layers.0.self_attn.k_proj.weight model.layers.0.self_attn.v_proj.weight",
-        "linear model.layers.0.self_attn.v_proj.weight[0:32] -> model.layers.0.self_attn.o_proj.weightx2",
-        "norm model.layers.0.post_attention_layernorm.weight[0:64] -> model.layers.0.mlp.gate_proj.weight model.layers.0.mlp.up_proj.weight",
-        "linear model.layers.0.mlp.up_proj.weight[0:96] -> model.layers.0.mlp.down_proj.weight",
-        "norm model.layers.1.input_layernorm.weight[0:64] -> model.layers.1.self_attn.q_proj.weight model.layers.1.self_attn.k_proj.weight model.layers.1.self_attn.v_proj.weight",
-        "linear model.layers.1.self_attn.v_proj.weight[0:32] -> model.layers.1.self_attn.o_proj.weightx2",
-        "norm model.layers.1.post_attention_layernorm.weight[0:64] -> model.layers.1.mlp.gate_proj.weight model.layers.1.mlp.up_proj.weight",
-        "linear model.layers.1.mlp.up_proj.weight[0:96] -> model.layers.1.mlp.down_proj.weight",
-        "norm model.norm.weight[0:64] -> lm_head.weight(noquant)",
-    ],
-    "qwen3": [
-        "norm model.layers.0.input_layernorm.weight[0:64] -> model.layers.0.self_attn.q_proj.weight model.layers.0.self_attn.k_proj.weight model.layers.0.self_attn.v_proj.weight",
-        "linear model.layers.0.self_attn.v_proj.weight[0:32] -> model.layers.0.self_attn.o_proj.weightx2",
-        "norm model.layers.0.post_attention_layernorm.weight[0:64] -> model.layers.0.mlp.gate_proj.weight model.layers.0.mlp.up_proj.weight",
-        "linear model.layers.0.mlp.up_proj.weight[0:96] -> model.layers.0.mlp.down_proj.weight",
-        "norm model.layers.1.input_layernorm.weight[0:64] -> model.layers.1.self_attn.q_proj.weight model.layers.1.self_attn.k_proj.weight model.layers.1.self_attn.v_proj.weight",
-        "linear model.layers.1.self_attn.v_proj.weight[0:32] -> model.layers.1.self_attn.o_proj.weightx2",
-        "norm model.layers.1.post_attention_layernorm.weight[0:64] -> model.layers.1.mlp.gate_proj.weight model.layers.1.mlp.up_proj.weight",
-        "linear model.layers.1.mlp.up_proj.weight[0:96] -> model.layers.1.mlp.down_proj.weight",
-        "norm model.norm.weight[0:64] -> lm_head.weight(noquant)",
-    ],
-    "mistral": [
-        "norm model.layers.0.input_layernorm.weight[0:64] -> model.layers.0.self_attn.q_proj.weight model.layers.0.self_attn.k_proj.weight model.layers.0.self_attn.v_proj.weight",
-        "linear model.layers.0.self_attn.v_proj.weight[0:32] -> model.layers.0.self_attn.o_proj.weightx2",
-        "norm model.layers.0.post_attention_layernorm.weight[0:64] -> model.layers.0.mlp.gate_proj.weight model.layers.0.mlp.up_proj.weight",
-        "linear model.layers.0.mlp.up_proj.weight[0:96] -> model.layers.0.mlp.down_proj.weight",
-        "norm model.layers.1.input_layernorm.weight[0:64] -> model.layers.1.self_attn.q_proj.weight model.layers.1.self_attn.k_proj.weight model.layers.1.self_attn.v_proj.weight",
-        "linear model.layers.1.self_attn.v_proj.weight[0:32] -> model.layers.1.self_attn.o_proj.weightx2",
-        "norm model.layers.1.post_attention_layernorm.weight[0:64] -> model.layers.1.mlp.gate_proj.weight model.layers.1.mlp.up_proj.weight",
-        "linear model.layers.1.mlp.up_proj.weight[0:96] -> model.layers.1.mlp.down_proj.weight",
-        "norm model.norm.weight[0:64] -> lm_head.weight(noquant)",
-    ],
+    "llama": LLAMA_LIKE,
+    "qwen2": LLAMA_LIKE,
+    "qwen3": LLAMA_LIKE,
+    "mistral": LLAMA_LIKE,
     "gemma": [
         "norm model.layers.0.input_layernorm.weight[0:64] -> model.layers.0.self_attn.q_proj.weight model.layers.0.self_attn.k_proj.weight model.layers.0.self_attn.v_proj.weight",
         "linear model.layers.0.self_attn.v_proj.weight[0:32] -> model.layers.0.self_attn.o_proj.weightx2",
@@ -94,16 +67,7 @@ EXPECTED = {
         "norm model.layers.1.pre_feedforward_layernorm.weight[0:64] -> model.layers.1.mlp.gate_proj.weight model.layers.1.mlp.up_proj.weight",
         "linear model.layers.1.mlp.up_proj.weight[0:96] -> model.layers.1.mlp.down_proj.weight",
     ],
-    "gemma3": [
-        "norm model.layers.0.input_layernorm.weight[0:64] -> model.layers.0.self_attn.q_proj.weight model.layers.0.self_attn.k_proj.weight model.layers.0.self_attn.v_proj.weight",
-        "linear model.layers.0.self_attn.v_proj.weight[0:32] -> model.layers.0.self_attn.o_proj.weightx2",
-        "norm model.layers.0.pre_feedforward_layernorm.weight[0:64] -> model.layers.0.mlp.gate_proj.weight model.layers.0.mlp.up_proj.weight",
-        "linear model.layers.0.mlp.up_proj.weight[0:96] -> model.layers.0.mlp.down_proj.weight",
-        "norm model.layers.1.input_layernorm.weight[0:64] -> model.layers.1.self_attn.q_proj.weight model.layers.1.self_attn.k_proj.weight model.layers.1.self_attn.v_proj.weight",
-        "linear model.layers.1.self_attn.v_proj.weight[0:32] -> model.layers.1.self_attn.o_proj.weightx2",
-        "norm model.layers.1.pre_feedforward_layernorm.weight[0:64] -> model.layers.1.mlp.gate_proj.weight model.layers.1.mlp.up_proj.weight",
-        "linear model.layers.1.mlp.up_proj.weight[0:96] -> model.layers.1.mlp.down_proj.weight",
-    ],
+    "gemma3": None,  # same as gemma2, filled below
     "phi3": [
         "norm model.layers.0.input_layernorm.weight[0:64] -> model.layers.0.self_attn.qkv_proj.weight",
         "linear model.layers.0.self_attn.qkv_proj.weight[96:128] -> model.layers.0.self_attn.o_proj.weightx2",
@@ -189,6 +153,7 @@ EXPECTED = {
         "norm model.norm.weight[0:64] -> lm_head.weight(noquant)",
     ],
 }
+EXPECTED["gemma3"] = EXPECTED["gemma2"]  # sandwich norms; its q/k norms are blocked
 
 
 @pytest.fixture(scope="module")

@@ -60,3 +60,22 @@ def build(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
 def token_ids(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, seq), generator=g)
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer over ASCII (ids 0..127 = code points; others -> 0), built
+    locally so CLI tests need no hub and no real model."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(VOCAB)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="\x00"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="\x00", eos_token="\x03", pad_token="\x00")
+
+
+def save_model_dir(path, name: str = "llama", **overrides):
+    """A Hugging Face model directory (config, weights, tokenizer) of a tiny model."""
+    model = build(name, **overrides)
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return model

@@ -1,0 +1,234 @@
+"""Observer modules and the pass that inserts them (``call_module`` nodes, like torch.ao's pt2e).
+
+Two observers:
+
+- :class:`MeanAbsObserver` after every consumer *input* node (the activation a group's
+  linears multiply): per-channel ``mean |x|`` over **all** calibration tokens, accumulated in
+  float64 (fp32 inputs), with a NaN/Inf check that names the node and the groups it serves.
+- :class:`SampleObserver` after every (non-parameter) graph input: the first ``loss_samples``
+  sequences, kept as the model's own inputs (token ids). The search replays them through the
+  graph group by group (``awqfx.search``), so every loss-region input, every extra tensor a region
+  reads (rope cos/sin, masks, positions) and every clip-search input is recomputed exactly when it
+  is needed and freed after: memory stays at one block's activations instead of all of them, and
+  ``propagate="quant"`` sees quantized upstream weights without extra full passes.
+
+Observer nodes have no users: the observed graph computes exactly what the captured one did.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+__all__ = ["MeanAbsObserver", "SampleObserver", "NonFiniteActivationError", "is_observer", "remove_observers"]
+
+
+class NonFiniteActivationError(FloatingPointError, ValueError):
+    """A calibration activation is NaN or infinite."""
+
+
+class MeanAbsObserver(nn.Module):
+    """Accumulates ``sum |x|`` per last-dim channel and the token count."""
+
+    _is_impure = True  # keep through dead-code elimination (it has no users)
+
+    def __init__(self, node: str, serves: list[str]):
+        super().__init__()
+        self.node = node
+        self.serves = list(serves)
+        self.sum: torch.Tensor | None = None
+        self.count = 0
+        self.batches = 0
+
+    def forward(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return None
+        xf = x.detach().reshape(-1, x.shape[-1]) if x.dim() else x.detach().reshape(1, 1)
+        s = xf.abs().sum(0, dtype=torch.float64)
+        if not bool(torch.isfinite(s).all()):
+            bad = "NaN" if bool(torch.isnan(xf).any()) else "Inf"
+            raise NonFiniteActivationError(
+                f"{bad} activation at node {self.node!r} in calibration batch {self.batches} "
+                f"(the input of the linears of {', '.join(self.serves)}). Check the model's weights and the "
+                "calibration inputs; a float16 model may overflow (calibrate in float32)."
+            )
+        self.sum = s if self.sum is None else self.sum + s
+        self.count += xf.shape[0]
+        self.batches += 1
+        return None
+
+    def mean(self) -> torch.Tensor:
+        if self.sum is None or self.count == 0:
+            raise RuntimeError(f"observer at {self.node!r} has seen no data; run awqfx.api.calibrate first")
+        return (self.sum / self.count).float().cpu()
+
+    def extra_repr(self) -> str:
+        return f"node={self.node!r}, tokens={self.count}"
+
+
+class SampleObserver(nn.Module):
+    """Keeps the first ``max_rows`` rows (dim 0, the batch) of a graph input, on the CPU."""
+
+    _is_impure = True
+
+    def __init__(self, node: str, max_rows: int):
+        super().__init__()
+        self.node = node
+        self.max_rows = int(max_rows)
+        self.chunks: list[torch.Tensor] = []
+        self.rows = 0
+        self.skipped = 0
+        self.value = None  # non-tensor / 0-d inputs: the first value seen
+
+    def forward(self, x) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            if self.value is None:
+                self.value = x
+            return None
+        if self.rows >= self.max_rows:
+            return None
+        if self.chunks and tuple(x.shape[1:]) != tuple(self.chunks[0].shape[1:]):
+            self.skipped += 1  # a different sequence length: keep the sample rectangular
+            return None
+        take = x.detach()[: self.max_rows - self.rows].to("cpu", copy=True)
+        self.chunks.append(take)
+        self.rows += take.shape[0]
+        return None
+
+    def sample(self):
+        if self.chunks:
+            return torch.cat(self.chunks, 0)
+        return self.value
+
+    def extra_repr(self) -> str:
+        return f"node={self.node!r}, rows={self.rows}/{self.max_rows}"
+
+
+def is_observer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op != "call_module":
+        return False
+    try:
+        mod = gm.get_submodule(node.target)
+    except AttributeError:
+        return False
+    return isinstance(mod, (MeanAbsObserver, SampleObserver))
+
+
+def insert_observer(gm: fx.GraphModule, after: fx.Node, module: nn.Module, prefix: str) -> fx.Node:
+    name = prefix
+    k = 0
+    while hasattr(gm, name):
+        k += 1
+        name = f"{prefix}_{k}"
+    gm.add_module(name, module)
+    anchor = after
+    if after.op == "placeholder":  # keep placeholders contiguous at the top
+        last_ph = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+        anchor = last_ph
+    with gm.graph.inserting_after(anchor):
+        node = gm.graph.call_module(name, (after,))
+    node.meta["awqfx_observer"] = True
+    return node
+
+
+def remove_observers(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop observer nodes and their modules, in place."""
+    changed = False
+    for n in list(gm.graph.nodes):
+        if is_observer(gm, n):
+            if n.users:
+                n.replace_all_uses_with(n.args[0])
+            target = n.target
+            gm.graph.erase_node(n)
+            if hasattr(gm, target):
+                delattr(gm, target)
+            changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return gm
+
+
+# -- the observed graph ------------------------------------------------------------------------
+
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+from awqfx.groups import Discovery, ScaleGroup  # noqa: E402
+
+
+@dataclass
+class ObservedGraph:
+    """What ``prepare`` returns: a private copy of the graph with observers, and what discovery found.
+
+    ``gm`` stays runnable (``input_ids -> logits``); calling it also feeds the observers, so a
+    user may calibrate with their own loop instead of :func:`awqfx.calibrate.calibrate`.
+    ``groups``: the groups the search will scale (at least one consumer is quantized).
+    ``linears``: every linear-like weight -> (its first linear node, that node's activation
+    input node, in_dim); ``data_of``: every linear-like node -> its activation input node.
+    """
+
+    gm: fx.GraphModule
+    discovery: Discovery
+    config: Any
+    groups: list[ScaleGroup]
+    linears: dict[str, tuple[str, str, int]]
+    data_of: dict[str, str]
+    mean_observers: dict[str, MeanAbsObserver] = field(default_factory=dict)
+    sample_observers: dict[str, SampleObserver] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=lambda: {"batches": 0, "sequences": 0, "tokens": 0})
+    _calib_gm: fx.GraphModule | None = None
+
+    def x_mean(self, node: str) -> torch.Tensor:
+        """Per-channel ``mean |x|`` of activation node ``node`` over all calibration tokens."""
+        return self.mean_observers[node].mean()
+
+    def loss_inputs(self) -> dict[str, Any]:
+        """The recorded loss sample: graph input name -> first ``loss_samples`` rows."""
+        return {name: obs.sample() for name, obs in self.sample_observers.items()}
+
+
+def linear_table(gm: fx.GraphModule) -> tuple[dict[str, tuple[str, str, int]], dict[str, str]]:
+    """``(weight -> (node, data node, in_dim), linear node -> data node)`` for every linear-like op."""
+    from passes.discover import linear_op
+
+    linears: dict[str, tuple[str, str, int]] = {}
+    data_of: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        lin = linear_op(gm, n)
+        if lin is None:
+            continue
+        data_of[n.name] = lin.data.name
+        linears.setdefault(lin.weight.name, (n.name, lin.data.name, int(lin.in_dim)))
+    return linears, data_of
+
+
+def insert_observers(gm: fx.GraphModule, discovery: Discovery, config, groups: list[ScaleGroup]) -> ObservedGraph:
+    """Insert a :class:`MeanAbsObserver` after each consumer input of ``groups`` and a
+    :class:`SampleObserver` after each non-parameter graph input, in place."""
+    from awqfx.graph import param_name
+
+    linears, data_of = linear_table(gm)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    serves: dict[str, list[str]] = {}
+    for g in groups:
+        for c in g.consumers:
+            data = data_of[c.node]
+            serves.setdefault(data, [])
+            if g.name not in serves[data]:
+                serves[data].append(g.name)
+    obs = ObservedGraph(gm, discovery, config, groups, linears, data_of)
+    for data, names in serves.items():
+        m = MeanAbsObserver(data, names)
+        insert_observer(gm, by_name[data], m, "awqfx_obs_mean")
+        obs.mean_observers[data] = m
+    if config.method == "awq":
+        for n in [n for n in gm.graph.nodes if n.op == "placeholder"]:
+            if param_name(gm, n) is not None:
+                continue
+            m = SampleObserver(n.name, config.loss_samples)
+            insert_observer(gm, n, m, "awqfx_obs_sample")
+            obs.sample_observers[n.name] = m
+    gm.recompile()
+    return obs

@@ -1,0 +1,233 @@
+"""End-to-end jobs behind the CLI: quantize a model to disk, compare methods by perplexity.
+
+Each function is usable from Python too; the CLI only parses flags and prints.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from awqfx.config import AWQConfig
+
+log = logging.getLogger(__name__)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def dir_size(path: str | Path) -> int:
+    p = Path(path)
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+
+
+@dataclass
+class Report:
+    """What a job did: stage timings, sizes, perplexities; printed as the CLI summary."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.stages[name] = time.perf_counter() - t0
+
+    def table(self) -> str:
+        rows = [(k, v) for k, v in self.facts.items()]
+        rows += [(f"time: {k}", f"{v:.1f} s") for k, v in self.stages.items()]
+        rows.append(("time: total", f"{sum(self.stages.values()):.1f} s"))
+        rows.append(("peak memory (RSS)", f"{peak_rss_mb():.0f} MB"))
+        w = max(len(k) for k, _ in rows)
+        return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
+
+
+def check_format(fmt: str, cfg: AWQConfig, in_features: dict[str, int]) -> None:
+    """Refuse an export format the quantized layers cannot be written in, before any long work."""
+    if fmt == "autoawq":
+        if cfg.bits != 4:
+            raise ValueError(f"--format autoawq stores 4-bit weights only (got --bits {cfg.bits}); use --format awqfx")
+        bad = {n: k for n, k in in_features.items() if cfg.group_size != -1 and k % cfg.group_size}
+        if bad:
+            name, k = next(iter(bad.items()))
+            raise ValueError(f"--format autoawq needs in_features divisible by the group size: {name} has {k} inputs, "
+                             f"not a multiple of {cfg.group_size}. Use --group-size 64 or 32, or --format awqfx.")
+    if fmt == "compressed-tensors":
+        bad = {n: k for n, k in in_features.items() if cfg.group_size != -1 and k % cfg.group_size}
+        if bad:
+            name, k = next(iter(bad.items()))
+            raise ValueError(f"--format compressed-tensors cannot store a ragged last group: {name} has {k} inputs, "
+                             f"not a multiple of {cfg.group_size}. Use a group size dividing {k}, or --format awqfx.")
+
+
+def pack_from_plan(model: nn.Module, plan, backend: str = "auto") -> nn.Module:
+    """Fold ``plan`` into a copy of ``model`` and swap its quantized linears for packed ``QuantLinear``s.
+
+    2-D weights are packed; 3-D MoE expert weights (no packed kernel) stay fake-quantized floats.
+    """
+    from awqfx.packed_model import pack_model
+    from awqfx.plan import apply_plan
+    from passes.quantize_linears import quantize_linears
+
+    folded = apply_plan(model, plan, inplace=False, quantize=False)
+    from passes.fold import get_param
+
+    two_d = {n: wp for n, wp in plan.weights.items() if get_param(folded, n).dim() == 2}
+    rest = {n: wp for n, wp in plan.weights.items() if n not in two_d}
+    if rest:
+        quantize_linears(folded, rest)
+    qweights = {n: plan.quantized_weight(folded, n) for n in two_d}
+    return pack_model(folded, qweights, in_dims={n: wp.in_dim for n, wp in two_d.items()}, backend=backend)
+
+
+def quantize_model(
+    model_path: str | None,
+    out_dir: str,
+    cfg: AWQConfig,
+    fmt: str = "awqfx",
+    calib_source: str | None = None,
+    samples: int = 128,
+    seq_len: int = 512,
+    eval_file: str | None = None,
+    eval_windows: int = 16,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Report:
+    """Load, capture, calibrate, search, pack and save; returns the report for the summary."""
+    from awqfx import assets
+    from awqfx.api import calibrate, prepare, search
+    from awqfx.capture import capture
+    from awqfx.evaluate import perplexity, windows_for_eval
+    from awqfx.export import save_quantized
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    rep = Report()
+    with rep.stage("load model"):
+        model, tok = assets.load_model(model_path)
+    n_params = sum(p.numel() for p in model.parameters())
+    rep.facts["model"] = f"{type(model).__name__} ({n_params / 1e6:.1f}M parameters)"
+    with rep.stage("calibration text"):
+        calib = assets.calibration_samples(tok, samples, seq_len, source=calib_source) if cfg.method == "awq" else None
+    if calib is not None:
+        rep.facts["calibration"] = f"{calib.shape[0]} x {calib.shape[1]} tokens"
+    with rep.stage("capture + discover"):
+        gm = capture(model)
+        observed = prepare(gm, cfg)
+    d = observed.discovery
+    rep.facts["scale groups"] = f"{len(d.groups)} found, {len(d.rejected)} rejected candidates"
+    in_features = {w: int(observed.gm.get_parameter(w).shape[observed.linears[w][2]])
+                   for w in d.quantizable if w in observed.linears}
+    check_format(fmt, cfg, in_features)
+    if cfg.method == "awq":
+        with rep.stage("calibrate"):
+            calibrate(observed, calib, progress=progress)
+    with rep.stage("search"):
+        plan = search(observed, cfg, progress=progress)
+    rep.facts["quantized weights"] = f"{len(plan.weights)} ({cfg.bits}-bit, group {cfg.group_size}, " \
+                                     f"{'symmetric' if cfg.symmetric else 'asymmetric'})"
+    with rep.stage("pack"):
+        packed = pack_from_plan(model, plan)
+    with rep.stage("save"), tempfile.TemporaryDirectory() as tmp:
+        plan.save(Path(tmp) / "plan")
+        save_quantized(packed, out, fmt=fmt, tokenizer=tok, plan_dir=Path(tmp) / "plan", overwrite=overwrite)
+    fp_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    rep.facts["size before"] = f"{fp_bytes / 2**20:.1f} MiB ({next(model.parameters()).dtype}, in memory)"
+    rep.facts["size after"] = f"{dir_size(out) / 2**20:.1f} MiB on disk ({out})"
+    if eval_file is not None:
+        text = Path(eval_file).read_text(encoding="utf-8", errors="replace") if eval_file != "-" else assets.eval_text()
+        wins = windows_for_eval(tok, text, seq_len, max_windows=eval_windows)
+        with rep.stage("evaluate"):
+            before = perplexity(model, wins, progress=progress)
+            after = perplexity(packed, wins, progress=progress)
+        rep.facts["perplexity before"] = f"{before:.3f} ({wins.shape[0]} x {wins.shape[1]} tokens)"
+        rep.facts["perplexity after"] = f"{after:.3f}"
+    return rep
+
+
+def compare_methods(
+    model_path: str | None,
+    text: str,
+    bits: list[int],
+    group_size: int,
+    methods: list[str],
+    max_windows: int | None = 16,
+    seq_len: int = 512,
+    samples: int = 128,
+    calib_source: str | None = None,
+    base_config: dict | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity of fp / RTN / AWQ at each bit width on ``text`` (the ``awqfx eval`` table)."""
+    from awqfx import assets
+    from awqfx.api import apply_awq_pass
+    from awqfx.capture import capture
+    from awqfx.evaluate import perplexity, windows_for_eval
+
+    model, tok = assets.load_model(model_path)
+    wins = windows_for_eval(tok, text, seq_len, max_windows=max_windows)
+    gm = capture(model)
+    calib = None
+    rows = []
+    if "fp" in methods:
+        t0 = time.perf_counter()
+        rows.append({"method": "fp", "bits": 16 if next(model.parameters()).dtype != torch.float32 else 32,
+                     "ppl": perplexity(gm, wins, progress=progress), "seconds": time.perf_counter() - t0})
+    for b in bits:
+        for m in methods:
+            if m == "fp":
+                continue
+            cfg = AWQConfig(**{**(base_config or {}), "bits": b, "group_size": group_size, "method": m})
+            if m == "awq" and calib is None:
+                calib = assets.calibration_samples(tok, samples, seq_len, source=calib_source)
+            t0 = time.perf_counter()
+            qgm = apply_awq_pass(gm, calib if m == "awq" else None, cfg, progress=progress)
+            t1 = time.perf_counter()
+            ppl = perplexity(qgm, wins, progress=progress)
+            rows.append({"method": m, "bits": b, "group_size": group_size, "ppl": ppl, "quantize_seconds": t1 - t0})
+            del qgm
+    fp = next((r["ppl"] for r in rows if r["method"] == "fp"), None)
+    for r in rows:
+        if r["method"] == "awq" and fp is not None:
+            rtn = next((x["ppl"] for x in rows if x["method"] == "rtn" and x["bits"] == r["bits"]), None)
+            if rtn is not None and rtn != fp:
+                r["gap_recovered"] = (rtn - r["ppl"]) / (rtn - fp)
+    return {"windows": int(wins.shape[0]), "seq_len": int(wins.shape[1]), "group_size": group_size,
+            "samples": samples, "rows": rows}
+
+
+def plot_results(result: dict[str, Any], path: str | Path) -> None:
+    """Perplexity vs bits, one line per method (fp as a horizontal line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = result["rows"]
+    for m in sorted({r["method"] for r in rows if r["method"] != "fp"}):
+        pts = sorted((r["bits"], r["ppl"]) for r in rows if r["method"] == m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    fp = [r["ppl"] for r in rows if r["method"] == "fp"]
+    if fp:
+        ax.axhline(fp[0], color="gray", linestyle="--", label="fp")
+    ax.set_xlabel("weight bits")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title(f"group size {result['group_size']}, {result['windows']} x {result['seq_len']} tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+

@@ -1,0 +1,156 @@
+"""The staged API: isolation of the caller's graph/model, errors, plan save/load and the two appliers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import awqfx
+import awqfx.api as api
+from awqfx.api import (
+    AWQConfig, AWQPlan, CalibrationError, NonFiniteActivationError, apply_awq_pass, apply_plan, calibrate, convert,
+    prepare, search,
+)
+from tiny_models import build, token_ids
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _calib(n=8, seq=16, seed=0):
+    return torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _snapshot(model, gm):
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            {k: v.detach().clone() for k, v in gm.state_dict().items()}, gm.code, len(gm.graph.nodes))
+
+
+def _assert_unchanged(model, gm, snap):
+    sd_m, sd_g, code, n_nodes = snap
+    assert model.state_dict().keys() == sd_m.keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd_m[k]), f"model tensor {k} changed"
+    for k, v in gm.state_dict().items():
+        assert torch.equal(v, sd_g[k]), f"graph tensor {k} changed"
+    assert gm.code == code and len(gm.graph.nodes) == n_nodes
+
+
+@pytest.fixture(scope="module")
+def llama():
+    m = build("llama")
+    return m, awqfx.capture(m)
+
+
+def test_callers_model_and_graph_untouched(llama):
+    m, gm = llama
+    snap = _snapshot(m, gm)
+    q = apply_awq_pass(gm, _calib(), AWQConfig(bits=3, group_size=16, propagate="quant"), progress=False)
+    _assert_unchanged(m, gm, snap)
+    assert q is not gm
+    assert not any(n.op == "call_module" for n in q.graph.nodes)  # observers removed
+    with torch.no_grad():
+        assert not torch.equal(q(token_ids()), gm(token_ids()))
+
+
+@pytest.mark.parametrize("bad", [
+    {"bits": 9}, {"bits": 1}, {"group_size": 0}, {"group_size": -2}, {"n_grid": 0}, {"clip": "minmax"},
+    {"scale_form": "y"}, {"propagate": "int"}, {"max_shrink": 1.0}, {"loss_samples": 0}, {"clip_tokens": 0},
+    {"method": "gptq"}, {"device": "tpu"}, {"clip_grid": 0},
+])
+def test_bad_config_rejected_before_any_work(bad, llama, monkeypatch):
+    with pytest.raises(ValueError):
+        AWQConfig(**bad)
+
+    def boom(*a, **k):
+        raise AssertionError("prepare ran before the config was validated")
+
+    monkeypatch.setattr(api, "prepare", boom)
+    with pytest.raises(ValueError):
+        apply_awq_pass(llama[1], _calib(), bad, progress=False)
+
+
+def test_group_size_larger_than_a_layer_fails_in_prepare(llama):
+    with pytest.raises(ValueError, match="group_size 128 is larger than in_features"):
+        prepare(llama[1], AWQConfig(group_size=128))
+
+
+def test_empty_and_too_short_calibration(llama):
+    gm = llama[1]
+    with pytest.raises(CalibrationError, match="empty"):
+        apply_awq_pass(gm, torch.zeros(0, 16, dtype=torch.long), AWQConfig(group_size=16), progress=False)
+    with pytest.raises(CalibrationError, match="too short"):
+        apply_awq_pass(gm, torch.zeros(4, 1, dtype=torch.long), AWQConfig(group_size=16), progress=False)
+    obs = prepare(gm, AWQConfig(group_size=16))
+    with pytest.raises(CalibrationError, match="empty"):
+        calibrate(obs, [], progress=False)
+    with pytest.raises(RuntimeError, match="calibrate"):
+        search(obs, progress=False)  # no statistics yet
+
+
+def test_nan_activation_names_the_node():
+    m = build("llama")
+    with torch.no_grad():
+        m.model.layers[0].post_attention_layernorm.weight[3] = float("nan")
+    gm = awqfx.capture(m)
+    obs = prepare(gm, AWQConfig(group_size=16))
+    group = next(g for g in obs.groups if g.name == "model.layers.0.post_attention_layernorm.weight")
+    node = obs.data_of[group.consumers[0].node]
+    with pytest.raises(NonFiniteActivationError) as err:
+        calibrate(obs, _calib(), progress=False)
+    msg = str(err.value)
+    assert f"NaN activation at node {node!r}" in msg and "post_attention_layernorm" in msg
+
+
+def test_interrupted_calibration_leaves_graph_untouched(llama):
+    m, gm = llama
+    snap = _snapshot(m, gm)
+
+    def batches():
+        yield _calib(2)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        apply_awq_pass(gm, batches(), AWQConfig(group_size=16), progress=False)
+    _assert_unchanged(m, gm, snap)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_plan_round_trip_and_both_appliers(name, tmp_path):
+    m = build(name)
+    gm = awqfx.capture(m)
+    cfg = AWQConfig(bits=4, group_size=16)
+    obs = prepare(gm, cfg)
+    calibrate(obs, _calib(), progress=False)
+    plan = search(obs, progress=False)
+    q = convert(gm, plan)
+
+    plan.save(tmp_path / "plan")
+    assert sorted(p.name for p in (tmp_path / "plan").iterdir()) == ["plan.json", "plan.safetensors"]
+    loaded = AWQPlan.load(tmp_path / "plan")
+    assert loaded.config == plan.config and len(loaded.groups) == len(plan.groups)
+    for a, b in zip(plan.groups, loaded.groups):
+        assert a.name == b.name and torch.equal(a.scale, b.scale)
+        assert all(torch.equal(x.columns, y.columns) for x, y in zip(a.group.consumers, b.group.consumers))
+    for w, wp in plan.weights.items():
+        lw = loaded.weights[w]
+        assert lw.spec == wp.spec and lw.in_dim == wp.in_dim
+        assert (wp.max_val is None) == (lw.max_val is None)
+        if wp.max_val is not None:
+            assert torch.equal(wp.max_val, lw.max_val) and torch.equal(wp.min_val, lw.min_val)
+    assert loaded.metadata["timings"]["search_s"] > 0
+
+    ids = token_ids()
+    fresh = awqfx.capture(m)  # a new capture of the same model
+    snap = _snapshot(m, fresh)
+    graph_q = apply_plan(fresh, loaded)
+    module_q = apply_plan(m, loaded)  # the nn.Module tree (a copy)
+    _assert_unchanged(m, fresh, snap)
+    with torch.no_grad():
+        expect = q(ids)
+        assert torch.equal(graph_q(ids), expect)
+        torch.testing.assert_close(module_q(ids, use_cache=False).logits, expect, rtol=1e-5, atol=1e-5)
