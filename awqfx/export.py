@@ -313,6 +313,22 @@ def _compressed_tensors_payload(
     return tensors, qcfg
 
 
+INPUT_SCALE = "awqfx_input_scale"
+
+
+def input_scales(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{module prefix: 1/s per input column}`` of modules whose input is scaled by a pre-hook
+    (the module-tree form of an activation group's inserted scale node)."""
+    from awqfx.plan import _InputScale
+
+    out = {}
+    for name, m in model.named_modules():
+        for h in m._forward_pre_hooks.values():
+            if isinstance(h, _InputScale):
+                out[name] = h.inv_cols
+    return out
+
+
 def _native_payload(model: nn.Module, qmods: Mapping[str, QuantLinear]) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = _dedupe_state(model.state_dict())
     modules = {
@@ -380,8 +396,18 @@ def save_quantized(
     if not qmods:
         raise ValueError("save_quantized: the model has no QuantLinear modules; call pack_model first.")
 
+    scales = input_scales(model)
+    if scales and fmt != "awqfx":
+        raise ValueError(
+            f"cannot export as {fmt}: {len(scales)} layer(s) (e.g. {next(iter(scales))}) read an activation through "
+            f"an AWQ scale node (GELU -> fc2 style), which {fmt} loaders cannot apply. Use --format awqfx (fmt='awqfx')."
+        )
     if fmt == "awqfx":
         tensors, qcfg = _native_payload(model, qmods)
+        for prefix, inv in scales.items():
+            tensors[f"{prefix}.{INPUT_SCALE}"] = inv.detach().float().cpu().contiguous()
+        if scales:
+            qcfg["input_scales"] = sorted(scales)
     elif fmt == "autoawq":
         tensors, qcfg = _autoawq_payload(model, qmods)
     else:
@@ -622,6 +648,11 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
             raise _mismatch(path, problems)
 
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        for prefix in qcfg.get("input_scales", []):
+            if prefix not in modules:
+                problems.append(f"input scale for {prefix!r}, which is not a quantized module")
+            else:
+                expected[f"{prefix}.{INPUT_SCALE}"] = (modules[prefix]["in_features"],)
         quantized_keys = {f"{p}.{t}": t for p in modules for t in _QL_TENSORS}
         groups = _alias_groups(model)
         alias_of = {n: g for g in groups for n in g}
@@ -648,6 +679,11 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
 
         state = {k: f.tensor(k) for k in file_meta}
 
+    from awqfx.plan import _InputScale
+
+    for prefix in qcfg.get("input_scales", []):
+        inv = state.pop(f"{prefix}.{INPUT_SCALE}")
+        model.get_submodule(prefix).register_forward_pre_hook(_InputScale(inv, prefix))
     model.load_state_dict(state, strict=False, assign=True)
     _retie(model, groups, set(file_meta))
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]

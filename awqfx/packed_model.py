@@ -84,7 +84,7 @@ def _probe_forward(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor |
     x = torch.randn(1, in_features, generator=gen).to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         try:
-            got = module(x)
+            got = module.forward(x)  # the module's own math, without hooks (an input-scale hook is kept)
         except Exception as err:  # noqa: BLE001 - any failure means "not a plain linear"
             raise ValueError(
                 f"pack_model: cannot replace {fqn}: calling {type(module).__name__} on a [1, {in_features}] "
@@ -189,6 +189,8 @@ def pack_model(
         built.append((module, ql))
     parents = _parent_map(model)
     for module, ql in built:
+        # an activation group's 1/s lives in a forward pre-hook on its consumer: keep it
+        ql._forward_pre_hooks.update(module._forward_pre_hooks)
         for parent, child_name in parents.get(id(module), []):
             setattr(parent, child_name, ql)
     return model

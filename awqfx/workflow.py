@@ -52,8 +52,11 @@ class Report:
         return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
 
 
-def check_format(fmt: str, cfg: AWQConfig, in_features: dict[str, int]) -> None:
+def check_format(fmt: str, cfg: AWQConfig, in_features: dict[str, int], scale_nodes: list[str] = ()) -> None:
     """Refuse an export format the quantized layers cannot be written in, before any long work."""
+    if fmt != "awqfx" and scale_nodes and cfg.method == "awq":
+        raise ValueError(f"--format {fmt} cannot store AWQ scale nodes after activations (found after "
+                         f"{', '.join(scale_nodes[:3])}): their loaders would silently drop them. Use --format awqfx.")
     if fmt == "autoawq":
         if cfg.bits != 4:
             raise ValueError(f"--format autoawq stores 4-bit weights only (got --bits {cfg.bits}); use --format awqfx")
@@ -129,7 +132,7 @@ def quantize_model(
     rep.facts["scale groups"] = f"{len(d.groups)} found, {len(d.rejected)} rejected candidates"
     in_features = {w: int(observed.gm.get_parameter(w).shape[observed.linears[w][2]])
                    for w in d.quantizable if w in observed.linears}
-    check_format(fmt, cfg, in_features)
+    check_format(fmt, cfg, in_features, [g.producer.node for g in observed.groups if g.producer.kind == "activation"])
     if cfg.method == "awq":
         with rep.stage("calibrate"):
             calibrate(observed, calib, progress=progress)

@@ -446,3 +446,32 @@ def test_quantized_weight_of_roundtrip():
     lin = model.model.layers[0].mlp.down_proj
     x = torch.randn(3, lin.in_features)
     torch.testing.assert_close(lin(x), F.linear(x, qws["model.layers.0.mlp.down_proj.weight"].dequantize()))
+
+
+def test_activation_scales_survive_pack_save_load(tmp_path):
+    """GPT-2's GELU -> c_proj group keeps its 1/s (a pre-hook in the module tree) through
+    packing, the native file and loading; foreign formats refuse it instead of dropping it."""
+    import awqfx
+    from awqfx.api import AWQConfig, calibrate, prepare, search
+    from awqfx.workflow import pack_from_plan
+
+    model = build("gpt2")
+    cfg = AWQConfig(group_size=32, n_grid=4, loss_samples=2)
+    obs = prepare(awqfx.capture(model), cfg)
+    calibrate(obs, torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0)), progress=False)
+    plan = search(obs, cfg, progress=False)
+    assert any(g.group.producer.kind == "activation" and not torch.all(g.scale == 1) for g in plan.groups)
+    from awqfx.plan import apply_plan
+
+    ids = token_ids()
+    with torch.no_grad():
+        ref = apply_plan(model, plan)(ids).logits  # fake-quant module tree (hooks + folded weights)
+        packed = pack_from_plan(model, plan, backend="dequant")
+        got = packed(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    save_quantized(packed, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q", backend="dequant")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, got)
+    with pytest.raises(ValueError, match="scale node"):
+        save_quantized(packed, tmp_path / "ct", fmt="compressed-tensors")
