@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from awqfx.calibrate import CalibrationError, calibrate, iter_batches
 from awqfx.config import AWQConfig
-from awqfx.observe import NonFiniteActivationError, ObservedGraph, insert_observers
+from awqfx.observe import NonFiniteActivationError, ObservedGraph, insert_observers, release_memory
 from awqfx.plan import AWQPlan, apply_plan
 from awqfx.search import move_to, search, shallow_copy
 
@@ -131,4 +131,5 @@ def apply_awq_pass(gm: nn.Module, calib: Any = None, config: AWQConfig | Mapping
     plan = search(observed, cfg, progress=progress)
     target = gm if isinstance(gm, fx.GraphModule) else observed.gm
     del observed  # free the statistics and the working copies before the converted copy is made
+    release_memory()
     return convert(target, plan)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from awqfx.observe import ObservedGraph, is_observer
+from awqfx.observe import ObservedGraph, is_observer, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -122,5 +122,6 @@ def calibrate(observed: ObservedGraph, batches: Any, device: str | torch.device 
     if seen == 0:
         raise CalibrationError("calibration data is empty: no batch with tokens was given (pass [N, L] token ids, "
                                "e.g. awqfx.assets.calibration_samples(tokenizer, 128, 512))")
+    release_memory()
     observed.timings["calibrate_s"] = observed.timings.get("calibrate_s", 0.0) + time.perf_counter() - t0
     return observed
