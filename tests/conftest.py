@@ -31,3 +31,14 @@ def real_model(tmp_path_factory):
             os.environ.pop("AWQFX_CACHE", None)
         else:
             os.environ["AWQFX_CACHE"] = old
+
+
+@_pytest_real_model.fixture
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and contend on a shared 2-core box)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,19 +10,11 @@ from awqfx.api import (
     AWQConfig, AWQPlan, CalibrationError, NonFiniteActivationError, apply_awq_pass, apply_plan, calibrate, convert,
     prepare, search,
 )
-from tiny_models import build, token_ids
+from tiny_models import build, calib_ids, token_ids
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _calib(n=8, seq=16, seed=0):
-    return torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
+pytestmark = pytest.mark.usefixtures("one_thread")
+_calib = calib_ids
 
 
 def _snapshot(model, gm):

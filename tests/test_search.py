@@ -10,20 +10,11 @@ from awqfx.config import AWQConfig
 from awqfx.plan import apply_plan
 from awqfx.quant import QuantSpec, fake_quantize
 from awqfx.search import build_region, clip_ratios, search
-from tiny_models import build, token_ids
+from tiny_models import build, calib_ids, token_ids
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add overhead (and contend on a shared 2-core box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _calib(n=8, seq=16, seed=0):
-    return torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
+pytestmark = pytest.mark.usefixtures("one_thread")
+_calib = calib_ids
 
 
 _CACHE: dict = {}

@@ -62,6 +62,11 @@ def token_ids(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=g)
 
 
+def calib_ids(n: int = 8, seq: int = 16, seed: int = 0) -> torch.Tensor:
+    """Random calibration token ids ``[n, seq]`` for the tiny models."""
+    return torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
 def char_tokenizer():
     """A character-level fast tokenizer over ASCII (ids 0..127 = code points; others -> 0), built
     locally so CLI tests need no hub and no real model."""
