@@ -236,6 +236,11 @@ def _calib_flags(p: argparse.ArgumentParser) -> None:
     c.add_argument("--seq-len", type=int, default=512, help="tokens per calibration/evaluation sequence (default 512)")
 
 
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="Hugging Face model directory or .gguf file (default: bundled SmolLM2-135M)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="awqfx",
@@ -247,8 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Capture MODEL with torch.export and print every AWQ scale group "
                        "(producer -> consumers, channels, ops passed through) and every rejected candidate "
                        "with the op that blocks it. A model directory is inspected without loading weights.")
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                   help="Hugging Face model directory or .gguf file (default: bundled SmolLM2-135M)")
+    _model_arg(p)
     p.add_argument("--json", action="store_true", help="print the groups and rejections as JSON")
     p.add_argument("--graph", metavar="FILE", help="draw the graph with scalable edges highlighted (.svg or .html)")
     p.set_defaults(func=cmd_inspect)
@@ -258,8 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "and save a quantized model to --out. Shows progress per stage and prints a summary (groups, "
                        "time per stage, peak memory, size before/after, perplexity before/after with --eval). "
                        "Nothing is left in --out if the run fails or is interrupted.")
-    q.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                   help="Hugging Face model directory or .gguf file (default: bundled SmolLM2-135M)")
+    _model_arg(q)
     q.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.add_argument("--format", choices=["awqfx", "autoawq", "compressed-tensors"], default="awqfx",
@@ -277,8 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of fp / RTN / AWQ across bit widths",
                        description="Quantize MODEL with each method at each bit width (fake-quant graphs) and print "
                        "perplexity on non-overlapping windows of --text; optionally write JSON and a PNG plot.")
-    e.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                   help="Hugging Face model directory or .gguf file (default: bundled SmolLM2-135M)")
+    _model_arg(e)
     e.add_argument("--text", metavar="FILE", help="evaluation text (default: the bundled held-out plays)")
     e.add_argument("--methods", default="fp,rtn,awq", help="comma-separated subset of fp,rtn,awq (default all)")
     e.add_argument("--max-windows", type=int, default=16, help="evaluate at most this many windows, spread over the text (default 16)")
@@ -292,8 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="size and speed: fp32, bf16 and packed int4",
                        description="Measure on-disk size, resident weight bytes, prefill and decode tokens/s of the "
                        "model in fp32, bf16 and packed low-bit form (CPU, or CUDA with --device cuda).")
-    b.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                   help="Hugging Face model directory or .gguf file (default: bundled SmolLM2-135M)")
+    _model_arg(b)
     b.add_argument("--prompt-len", type=int, default=128, help="prefill length in tokens (default 128)")
     b.add_argument("--new-tokens", type=int, default=32, help="decode steps (default 32)")
     b.add_argument("--repeats", type=int, default=3, help="take the best of this many runs (default 3)")
