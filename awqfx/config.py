@@ -16,7 +16,7 @@ _SCALE_FORMS = ("x", "duo", "both")
 _CLIPS = ("asym", "sym", "none")
 _PROPAGATE = ("fp", "quant")
 _METHODS = ("awq", "rtn")
-_AUTOCAST = ("bfloat16", "float16")
+_AUTOCAST = ("auto", "bfloat16", "float16")
 
 
 @dataclass
@@ -104,7 +104,7 @@ class AWQConfig:
         for name in ("calib_dtype", "search_dtype"):
             v = getattr(self, name)
             if v is not None and v not in _AUTOCAST:
-                raise ValueError(f"AWQConfig.{name} must be None, 'bfloat16' or 'float16', got {v!r}")
+                raise ValueError(f"AWQConfig.{name} must be None, 'auto', 'bfloat16' or 'float16', got {v!r}")
         for name in ("symmetric", "include_identity", "clip_skip_qk", "quantize_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"AWQConfig.{name} must be True or False, got {getattr(self, name)!r}")
@@ -119,10 +119,28 @@ class AWQConfig:
 
         import torch
 
-        name = self.calib_dtype if stage == "calib" else self.search_dtype
+        name = self.resolved_dtype(stage, device)
         if name is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, name))
+
+    def resolved_dtype(self, stage: str, device) -> str | None:
+        """The autocast dtype of ``stage`` on ``device``: ``"auto"`` is bfloat16 where the hardware
+        has fast bf16 matmuls (CPU: avx512_bf16 / AMX; CUDA: sm80+), else None (no autocast)."""
+        import torch
+
+        name = self.calib_dtype if stage == "calib" else self.search_dtype
+        if name != "auto":
+            return name
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+        if dev.type == "cpu":
+            try:
+                return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+            except (AttributeError, RuntimeError):
+                return None
+        return None
 
     def shrink_ratios(self) -> list[float]:
         """Clip candidates: 1.0, 1 - 1/clip_grid, ... while above ``max_shrink`` (1 - max_shrink of the range)."""

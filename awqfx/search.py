@@ -50,7 +50,7 @@ from awqfx.groups import ScaleGroup
 from awqfx.observe import ObservedGraph, release_memory, remove_observers
 from awqfx.plan import AWQPlan, GroupPlan, WeightPlan
 from awqfx.quant import QuantSpec, fake_quantize, group_bounds
-from passes.fold import column_scale, fold_scales, full_scale, get_param, set_param
+from passes.fold import column_scale, fold_parameters, fold_scales, full_scale, get_param, set_param
 from passes.quantize_linears import fake_quantize_param, from_rows, rows_view
 
 log = logging.getLogger(__name__)
@@ -530,10 +530,8 @@ def _fold_working(work: fx.GraphModule, g: ScaleGroup, s_full: torch.Tensor, pre
         return changed
     s = full_scale(g, s_full).to(torch.float64)
     buf = getattr(work, prescale)
-    setattr(work, prescale, (1.0 / s).to(dtype=buf.dtype, device=buf.device))
-    for c in g.consumers:
-        w = get_param(work, c.weight).detach().to(torch.float64)
-        set_param(work, c.weight, w * _along(column_scale(c.columns, s).to(device=w.device, dtype=torch.float64), c.in_dim, w.dim()))
+    setattr(work, prescale, (1.0 / s).to(dtype=buf.dtype, device=buf.device))  # = fold_scales' mul node
+    fold_parameters(work, g, s)
     changed.add(prescale)
     return changed
 

@@ -155,3 +155,25 @@ def test_ragged_groups_and_rtn_method():
     expect = fake_quantize(gm.get_parameter(name).detach(), QuantSpec(4, 48, False))
     assert torch.equal(rtn.get_parameter(name).detach(), expect)
     assert "lm_head.weight" not in plan.weights
+
+
+def test_single_linear_regions_use_the_gram_form_with_the_same_losses(monkeypatch):
+    import awqfx.search as S
+
+    _, _, obs, cfg = _observed("llama")
+    fast = search(obs, cfg, progress=False)
+    monkeypatch.setattr(S, "_single_linear", lambda *a: None)
+    slow = search(obs, cfg, progress=False)
+    lone = 0
+    for a, b in zip(fast.groups, slow.groups):
+        la, lb = torch.tensor(a.info["losses"]), torch.tensor(b.info["losses"])
+        torch.testing.assert_close(la, lb, rtol=1e-4, atol=0)
+        lone += a.info["region_nodes"] == 1
+    assert lone == 4  # v->o and up->down of both layers
+
+
+def test_bf16_autocast_search_keeps_awq_at_or_below_rtn():
+    _, _, obs, _ = _observed("llama")
+    plan = search(obs, AWQConfig(bits=4, group_size=16, search_dtype="bfloat16"), progress=False)
+    assert all(g.info["loss"] <= g.info["loss_identity"] for g in plan.groups)
+    assert AWQConfig(calib_dtype="auto").resolved_dtype("calib", "cpu") in (None, "bfloat16")
