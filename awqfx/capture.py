@@ -154,5 +154,7 @@ def capture(
     finally:
         model.train(was_training)
     gm = _drop_guards(ep.module())
+    for m in gm.modules():  # traced in eval mode (export's module() refuses .eval() and reports training)
+        m.training = False
     gm.meta["awqfx_source"] = type(model).__name__
     return gm

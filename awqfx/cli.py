@@ -97,12 +97,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _search_kwargs(args: argparse.Namespace) -> dict:
+    """The AWQConfig fields the quantization / search flags set (everything but bits and group size)."""
+    dtype = None if args.compute_dtype == "float32" else args.compute_dtype
+    return dict(symmetric=args.symmetric, scale_form=args.scale_form, clip=args.clip, n_grid=args.n_grid,
+                loss_samples=args.loss_samples, propagate=args.propagate, calib_dtype=dtype, search_dtype=dtype)
+
+
 def _config_from_args(args: argparse.Namespace, **over):
     from awqfx.config import AWQConfig
 
-    kw = dict(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, scale_form=args.scale_form,
-              clip=args.clip, n_grid=args.n_grid, loss_samples=args.loss_samples, propagate=args.propagate,
-              device=getattr(args, "device", None), method=getattr(args, "method", "awq"))
+    kw = dict(bits=args.bits, group_size=args.group_size, device=getattr(args, "device", None),
+              method=getattr(args, "method", "awq"), **_search_kwargs(args))
     kw.update(over)
     try:
         return AWQConfig(**kw)
@@ -168,10 +174,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--text {args.text!r} is not a file")
     else:
         text = Path(args.text).read_text(encoding="utf-8", errors="replace")
-    base = dict(symmetric=args.symmetric, scale_form=args.scale_form, clip=args.clip, n_grid=args.n_grid,
-                loss_samples=args.loss_samples, propagate=args.propagate)
     res = compare_methods(args.model, text, bits, args.group_size, methods, max_windows=args.max_windows,
-                          seq_len=args.seq_len, samples=args.samples, calib_source=args.calib, base_config=base,
+                          seq_len=args.seq_len, samples=args.samples, calib_source=args.calib,
+                          base_config=_search_kwargs(args),
                           progress=not args.quiet)
     print(f"\nperplexity on {res['windows']} windows x {res['seq_len']} tokens, group size {res['group_size']}\n")
     rows = [[r["method"], r["bits"], f"{r['ppl']:.3f}",
@@ -226,6 +231,11 @@ def _quant_flags(p: argparse.ArgumentParser, group_size: int, multi_bits: bool =
     s.add_argument("--propagate", choices=["fp", "quant"], default=d.propagate,
                    help="later groups see float (fp, reference) or already-quantized (quant) earlier outputs "
                         f"(default {d.propagate})")
+    dflt = d.calib_dtype or "float32"
+    s.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16", "float16"], default=dflt,
+                   help="precision of the calibration forwards and the search losses (torch.autocast; statistics and "
+                        "losses accumulate in float32): auto = bfloat16 where the CPU/GPU has fast bf16 matmuls "
+                        f"(avx512_bf16/AMX, sm80+), else float32 (default {dflt})")
 
 
 def _calib_flags(p: argparse.ArgumentParser) -> None:
@@ -313,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if getattr(args, "graph", None) and Path(args.graph).suffix.lower() not in (".svg", ".html"):
         parser.error(f"--graph must end in .svg or .html, got {args.graph!r}")
+    from awqfx.observe import return_large_frees_to_os
+
+    return_large_frees_to_os()  # peak memory of calibration/search: see its docstring (docs/results.md)
     try:
         return args.func(args)
     except UsageError as e:

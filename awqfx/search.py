@@ -201,13 +201,18 @@ def build_region(gm: fx.GraphModule, group: ScaleGroup) -> Region:
 class _Stream:
     """Node values of the working graph on the loss sample (one env per chunk of sequences)."""
 
-    def __init__(self, gm: fx.GraphModule, chunks: list[dict], needed: set[fx.Node], lc: dict[fx.Node, int]):
+    def __init__(self, gm: fx.GraphModule, chunks: list[dict], needed: set[fx.Node], lc: dict[fx.Node, int],
+                 last_use: dict[fx.Node, int]):
         self.gm = gm
         self.chunks = chunks
         self.envs: list[dict[fx.Node, object]] = [{} for _ in chunks]
         self.computed: set[fx.Node] = set()
+        # Computed, consumed by every user, freed, and final (nothing it depends on changes later):
+        # never computed again, so it keeps none of its inputs alive.
+        self.retired: set[fx.Node] = set()
         self.needed = needed
-        self.lc = lc
+        self.lc = lc  # node -> last task that changes a parameter it depends on
+        self.last_use = last_use  # node -> last task that reads it directly
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.done = -1
         self.pinned: set[fx.Node] = set()
@@ -258,15 +263,18 @@ class _Stream:
         return [env[n] for env in self.envs]
 
     def _maybe_free(self, a: fx.Node) -> None:
-        if a in self.pinned or a not in self.computed:
+        if a in self.pinned or a not in self.computed or self.last_use.get(a, -1) > self.done:
             return
         for u in a.users:
-            if u in self.needed and (u not in self.computed or self.lc.get(u, -1) > self.done):
+            if u in self.needed and ((u not in self.computed and u not in self.retired) or self.lc.get(u, -1) > self.done):
                 return
         self._drop(a)
+        if self.lc.get(a, -1) <= self.done:
+            self.retired.add(a)
 
     def _drop(self, a: fx.Node) -> None:
         self.computed.discard(a)
+        self.retired.discard(a)
         for env in self.envs:
             env.pop(a, None)
 
@@ -618,6 +626,10 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     for n in work.graph.nodes:
         own = changes.get(n.target, -1) if n.op == "get_attr" else -1
         lc[n] = max([own] + [lc[a] for a in n.all_input_nodes])
+    last_use: dict[fx.Node, int] = {}
+    for ti, req in enumerate(requires):
+        for r in req:
+            last_use[r] = ti
     needed: set[fx.Node] = set()
     for req in requires:
         for r in req:
@@ -630,11 +642,16 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     if first is None:
         raise RuntimeError("no loss sample was recorded (the graph has no tensor inputs?)")
     n_rows = first.shape[0]
+    if n_rows < cfg.loss_samples:
+        recorded = observed.config.loss_samples
+        why = (f"prepare recorded only {recorded} (its config's loss_samples); pass the larger value to prepare"
+               if recorded < cfg.loss_samples else f"calibration had only {n_rows} sequences")
+        log.warning("search: loss_samples=%d asked for, %d available: %s", cfg.loss_samples, n_rows, why)
     chunks = []
     for r0 in range(0, n_rows, cfg.batch_size):
         chunks.append({k: (v[r0 : r0 + cfg.batch_size].to(device) if isinstance(v, torch.Tensor) and v.dim() else v)
                        for k, v in sample.items()})
-    stream = _Stream(work, chunks, needed, lc)
+    stream = _Stream(work, chunks, needed, lc, last_use)
 
     scale_of: dict[int, torch.Tensor] = {}
     infos: dict[int, dict] = {}

@@ -172,16 +172,20 @@ def compare_methods(
     base_config: dict | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Perplexity of fp / RTN / AWQ at each bit width on ``text`` (the ``awqfx eval`` table)."""
+    """Perplexity of fp / RTN / AWQ at each bit width on ``text`` (the ``awqfx eval`` table).
+
+    The model is captured and calibrated once; each bit width is a new search on the same
+    statistics (they do not depend on the quantizer), so ``--bits 3,4`` costs one calibration.
+    """
     from awqfx import assets
-    from awqfx.api import apply_awq_pass
+    from awqfx.api import calibrate, convert, prepare, search
     from awqfx.capture import capture
     from awqfx.evaluate import perplexity, windows_for_eval
 
     model, tok = assets.load_model(model_path)
     wins = windows_for_eval(tok, text, seq_len, max_windows=max_windows)
     gm = capture(model)
-    calib = None
+    observed = None
     rows = []
     if "fp" in methods:
         t0 = time.perf_counter()
@@ -192,10 +196,13 @@ def compare_methods(
             if m == "fp":
                 continue
             cfg = AWQConfig(**{**(base_config or {}), "bits": b, "group_size": group_size, "method": m})
-            if m == "awq" and calib is None:
-                calib = assets.calibration_samples(tok, samples, seq_len, source=calib_source)
             t0 = time.perf_counter()
-            qgm = apply_awq_pass(gm, calib if m == "awq" else None, cfg, progress=progress)
+            if observed is None:
+                observed = prepare(gm, AWQConfig(**{**cfg.to_dict(), "method": "awq"}))
+                if "awq" in methods:
+                    calibrate(observed, assets.calibration_samples(tok, samples, seq_len, source=calib_source),
+                              progress=progress)
+            qgm = convert(gm, search(observed, cfg, progress=progress))
             t1 = time.perf_counter()
             ppl = perplexity(qgm, wins, progress=progress)
             rows.append({"method": m, "bits": b, "group_size": group_size, "ppl": ppl, "quantize_seconds": t1 - t0})

@@ -59,8 +59,9 @@ def test_bad_graph_suffix_and_no_command(tiny_dir, capsys):
 @pytest.mark.parametrize("cmd, flags", [
     ("inspect", ["--json", "--graph", "MODEL"]),
     ("quantize", ["--bits", "--group-size", "--out", "--calib", "--samples", "--seq-len", "--format", "--device",
-                  "--eval", "--overwrite", "--symmetric", "--scale-form", "--clip", "--propagate", "--method"]),
-    ("eval", ["--text", "--bits", "--group-size", "--methods", "--json", "--max-windows", "--plot"]),
+                  "--eval", "--overwrite", "--symmetric", "--scale-form", "--clip", "--propagate", "--method",
+                  "--compute-dtype"]),
+    ("eval", ["--text", "--bits", "--group-size", "--methods", "--json", "--max-windows", "--plot", "--compute-dtype"]),
     ("bench", ["--prompt-len", "--new-tokens", "--repeats", "--device", "--json", "--bits"]),
 ])
 def test_help_documents_every_flag(cmd, flags, capsys):
@@ -70,6 +71,15 @@ def test_help_documents_every_flag(cmd, flags, capsys):
     text = capsys.readouterr().out
     for flag in flags:
         assert flag in text
+
+
+@pytest.mark.parametrize("flag, expect", [("float32", None), ("bfloat16", "bfloat16"), ("auto", "auto")])
+def test_compute_dtype_sets_calibration_and_search_precision(flag, expect):
+    from awqfx.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args(["quantize", "--out", "x", "--compute-dtype", flag])
+    cfg = _config_from_args(args)
+    assert (cfg.calib_dtype, cfg.search_dtype) == (expect, expect)
 
 
 QUICK = ["--samples", "4", "--seq-len", "16", "--quiet", "--n-grid", "4"]
@@ -119,9 +129,14 @@ def test_quantize_autoawq_and_compressed_tensors_formats(tiny_dir, tmp_path):
         assert qc["quant_method"] == ("awq" if fmt == "autoawq" else "compressed-tensors")
 
 
-def test_eval_table_json_and_plot(tiny_dir, tmp_path, capsys):
+def test_eval_table_json_and_plot(tiny_dir, tmp_path, capsys, monkeypatch):
     import json
 
+    import awqfx.api
+
+    calls = []
+    real = awqfx.api.calibrate
+    monkeypatch.setattr(awqfx.api, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
     js, png = tmp_path / "r.json", tmp_path / "r.png"
     rc = main(["eval", str(tiny_dir), "--bits", "3,4", "--group-size", "32", "--max-windows", "2",
                "--json", str(js), "--plot", str(png)] + QUICK)
@@ -130,6 +145,7 @@ def test_eval_table_json_and_plot(tiny_dir, tmp_path, capsys):
     assert [(r["method"], r["bits"]) for r in res["rows"]] == [("fp", 32), ("rtn", 3), ("awq", 3), ("rtn", 4), ("awq", 4)]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "RTN gap recovered" in capsys.readouterr().out
+    assert len(calls) == 1  # one calibration serves every bit width
     assert main(["eval", str(tiny_dir), "--methods", "fp,gptq"]) == 2
 
 

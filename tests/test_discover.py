@@ -329,6 +329,15 @@ class _DataDependent(nn.Module):
         return x
 
 
+def test_captured_graph_reports_inference_mode(captured):
+    model, gm = captured("llama")
+    model.train()
+    gm2 = awqfx.capture(model)
+    assert model.training  # the caller's mode is restored
+    assert not gm.training and not any(m.training for m in gm2.modules())  # traced in eval mode, says so
+    model.eval()
+
+
 def test_unexportable_model_gets_a_clear_error():
     with pytest.raises(awqfx.CaptureError) as e:
         awqfx.capture(_DataDependent(), example_inputs=(torch.randn(2, 4),))

@@ -177,3 +177,36 @@ def test_bf16_autocast_search_keeps_awq_at_or_below_rtn():
     plan = search(obs, AWQConfig(bits=4, group_size=16, search_dtype="bfloat16"), progress=False)
     assert all(g.info["loss"] <= g.info["loss_identity"] for g in plan.groups)
     assert AWQConfig(calib_dtype="auto").resolved_dtype("calib", "cpu") in (None, "bfloat16")
+
+
+@pytest.mark.parametrize("propagate", ["fp", "quant"])
+def test_replay_memory_does_not_grow_with_depth(monkeypatch, propagate):
+    """The loss-sample replay keeps about one block of activations, however deep the model."""
+    import awqfx.search as S
+
+    held: list[int] = []
+    real = S._Stream.sweep
+
+    def sweep(self):
+        real(self)
+        held.append(len(self.computed))
+
+    monkeypatch.setattr(S._Stream, "sweep", sweep)
+    peaks = {}
+    for layers in (2, 6):
+        m = build("llama", num_hidden_layers=layers)
+        cfg = AWQConfig(bits=4, group_size=16, n_grid=2, propagate=propagate)
+        obs = prepare(awqfx.capture(m), cfg)
+        calibrate(obs, _calib(), progress=False)
+        held.clear()
+        search(obs, cfg, progress=False)
+        peaks[layers] = max(held)
+        assert held[-1] == 0  # nothing is left once the last task is done
+    assert peaks[6] <= peaks[2] + 2, peaks
+
+
+def test_search_warns_when_fewer_loss_samples_were_recorded(caplog):
+    _, _, obs, _ = _observed("llama", loss_samples=2, n_grid=2)
+    with caplog.at_level("WARNING", logger="awqfx.search"):
+        search(obs, AWQConfig(bits=4, group_size=16, n_grid=2, loss_samples=4), progress=False)
+    assert "loss_samples=4 asked for, 2 available" in caplog.text and "pass the larger value to prepare" in caplog.text
