@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from awqfx.graph import drop_dtype_asserts, float_dtype
 from awqfx.observe import ObservedGraph, is_observer, release_memory
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def _calibration_module(observed: ObservedGraph) -> fx.GraphModule:
     g.output(tuple(obs))
     cm = fx.GraphModule(src, g)
     cm.graph.eliminate_dead_code()
+    drop_dtype_asserts(cm)  # they would fail under the bf16 autocast of calib_dtype
     cm.recompile()
     observed._calib_gm = cm
     return cm
@@ -96,7 +98,7 @@ def calibrate(observed: ObservedGraph, batches: Any, device: str | torch.device 
     t0 = time.perf_counter()
     seen = 0
     bar = tqdm(it, total=total, desc="awq calibrate", unit="batch", disable=not progress)
-    with torch.no_grad(), cfg.autocast("calib", dev):
+    with torch.no_grad(), cfg.autocast("calib", dev, float_dtype(observed.gm)):
         for batch in bar:
             if isinstance(batch, (list, tuple)):
                 args = tuple(torch.as_tensor(b) for b in batch)

@@ -295,3 +295,27 @@ def node_path(gm: fx.GraphModule, node: fx.Node) -> str:
         path = list(stack.values())[-1][0]
         return path.replace("L['self'].", "").replace("L__self__.", "")
     return node.name
+
+
+def float_dtype(gm: nn.Module) -> torch.dtype | None:
+    """The dtype of the module's first floating-point parameter (None: it has none)."""
+    for p in gm.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def drop_dtype_asserts(gm: fx.GraphModule) -> int:
+    """Remove ``torch.export``'s ``_assert_tensor_metadata`` checks from a *private* copy of a graph.
+
+    Export records the dtype of every ``.to()`` input; under ``torch.autocast`` (calibration and
+    search in bfloat16) the inputs legitimately change dtype and the checks would fail. Returns
+    how many were removed.
+    """
+    bad = [n for n in gm.graph.nodes
+           if n.op == "call_function" and getattr(n.target, "__name__", "").startswith("_assert_tensor_metadata")]
+    for n in bad:
+        gm.graph.erase_node(n)
+    if bad:
+        gm.recompile()
+    return len(bad)

@@ -45,7 +45,7 @@ import torch
 import torch.fx as fx
 
 from awqfx.config import AWQConfig
-from awqfx.graph import fetch_attr
+from awqfx.graph import drop_dtype_asserts, fetch_attr, float_dtype
 from awqfx.groups import ScaleGroup
 from awqfx.observe import ObservedGraph, release_memory, remove_observers
 from awqfx.plan import AWQPlan, GroupPlan, WeightPlan
@@ -571,6 +571,7 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
 
     work = shallow_copy(observed.gm)
     remove_observers(work)
+    drop_dtype_asserts(work)  # they would fail under the bf16 autocast of search_dtype
     device = torch.device(cfg.device) if cfg.device else next(iter(observed.gm.parameters())).device
     move_to(work, device)
     prescales = _insert_prescales(work, groups)
@@ -659,7 +660,7 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     t_scale = t_clip = 0.0
     n_evals = 0
     bar = tqdm(tasks, desc="awq search", unit="task", disable=not progress)
-    with torch.no_grad(), cfg.autocast("search", device):
+    with torch.no_grad(), cfg.autocast("search", device, float_dtype(work)):
         for ti, (_, kind, what) in enumerate(bar):
             if kind == "scale":
                 gi = what

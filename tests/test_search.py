@@ -160,7 +160,7 @@ def test_ragged_groups_and_rtn_method():
 def test_single_linear_regions_use_the_gram_form_with_the_same_losses(monkeypatch):
     import awqfx.search as S
 
-    _, _, obs, cfg = _observed("llama")
+    _, _, obs, cfg = _observed("llama", search_dtype=None)  # the Gram form is float32 always
     fast = search(obs, cfg, progress=False)
     monkeypatch.setattr(S, "_single_linear", lambda *a: None)
     slow = search(obs, cfg, progress=False)
@@ -210,3 +210,13 @@ def test_search_warns_when_fewer_loss_samples_were_recorded(caplog):
     with caplog.at_level("WARNING", logger="awqfx.search"):
         search(obs, AWQConfig(bits=4, group_size=16, n_grid=2, loss_samples=4), progress=False)
     assert "loss_samples=4 asked for, 2 available" in caplog.text and "pass the larger value to prepare" in caplog.text
+
+
+def test_autocast_on_a_half_precision_graph():
+    """'auto' leaves a half-precision model alone; an explicit autocast works despite export's dtype asserts."""
+    assert AWQConfig().resolved_dtype("calib", "cpu", torch.float16) is None
+    m = build("llama").to(torch.float16)
+    gm = awqfx.capture(m)
+    cfg = AWQConfig(bits=4, group_size=16, n_grid=2, calib_dtype="bfloat16", search_dtype="bfloat16")
+    q = apply_awq_pass(gm, _calib(), cfg, progress=False)
+    assert torch.isfinite(q(token_ids()).float()).all()
