@@ -1,4 +1,8 @@
-"""awqfx as a ``torch.compile`` backend: discovery (and quantization) inside compile pipelines.
+"""awqfx as a ``torch.compile`` backend: discovery inside compile pipelines.
+
+(To quantize inside a pipeline, run the pass on the exported graph and compile its output:
+``torch.compile(apply_awq_pass(awqfx.capture(model), calib))``; dynamo's graphs take the
+parameters as inputs, so folding scales into them belongs before compilation.)
 
 Dynamo hands a backend a GraphModule whose parameters are placeholders
 (``L_self_modules_..._parameters_weight_``) and whose linears are ``torch._C._nn.linear``;

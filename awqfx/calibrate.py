@@ -64,6 +64,21 @@ def _calibration_module(observed: ObservedGraph) -> fx.GraphModule:
     return cm
 
 
+def _loss_sample_first(n: int, k: int) -> torch.Tensor:
+    """An order of ``n`` rows whose first ``k`` are evenly spaced over all ``n``.
+
+    The search's loss sample is the first ``k`` calibration sequences; calibration windows are cut
+    in text order, so the first ``k`` would all come from the beginning of the text (one or two
+    plays of thirty). The per-channel statistics do not depend on the order.
+    """
+    if n <= k:
+        return torch.arange(n)
+    first = torch.linspace(0, n - 1, k).round().long().unique()
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[first] = False
+    return torch.cat([first, torch.arange(n)[rest]])
+
+
 def _default_device(observed: ObservedGraph) -> torch.device:
     for p in observed.gm.parameters():
         return p.device
@@ -89,6 +104,8 @@ def calibrate(observed: ObservedGraph, batches: Any, device: str | torch.device 
         move_to(observed.gm, dev)  # replaces tensors: the caller's (shared) ones stay where they are
         observed._calib_gm = None
     cm = _calibration_module(observed)
+    if isinstance(batches, torch.Tensor) and batches.dim() == 2 and observed.sample_observers:
+        batches = batches[_loss_sample_first(batches.shape[0], cfg.loss_samples)]
     it = iter_batches(batches, cfg.batch_size)
     total = None
     if isinstance(batches, torch.Tensor):

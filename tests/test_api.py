@@ -49,6 +49,15 @@ def test_callers_model_and_graph_untouched(llama):
         assert not torch.equal(q(token_ids()), gm(token_ids()))
 
 
+def test_pass_output_compiles_with_inductor(llama):
+    """export -> apply_awq_pass -> torch.compile: the pass is one stage of a compile pipeline."""
+    _, gm = llama
+    q = apply_awq_pass(gm, _calib(), AWQConfig(bits=4, group_size=16, n_grid=2), progress=False)
+    compiled = torch.compile(q, backend="inductor")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(token_ids()), q(token_ids()), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("bad", [
     {"bits": 9}, {"bits": 1}, {"group_size": 0}, {"group_size": -2}, {"n_grid": 0}, {"clip": "minmax"},
     {"scale_form": "y"}, {"propagate": "int"}, {"max_shrink": 1.0}, {"loss_samples": 0}, {"clip_tokens": 0},

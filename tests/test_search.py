@@ -220,3 +220,13 @@ def test_autocast_on_a_half_precision_graph():
     cfg = AWQConfig(bits=4, group_size=16, n_grid=2, calib_dtype="bfloat16", search_dtype="bfloat16")
     q = apply_awq_pass(gm, _calib(), cfg, progress=False)
     assert torch.isfinite(q(token_ids()).float()).all()
+
+
+def test_loss_sample_is_spread_over_the_calibration_set():
+    m, gm = _model("llama")
+    calib = _calib(n=12)
+    obs = prepare(gm, AWQConfig(bits=4, group_size=16, loss_samples=3))
+    calibrate(obs, calib, progress=False)
+    (sample,) = [v for v in obs.loss_inputs().values() if isinstance(v, torch.Tensor)]
+    assert torch.equal(sample, calib[[0, 6, 11]])  # first, middle and last sequence, not the first three
+    assert obs.calibration["sequences"] == 12
