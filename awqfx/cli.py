@@ -100,7 +100,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _search_kwargs(args: argparse.Namespace) -> dict:
     """The AWQConfig fields the quantization / search flags set (everything but bits and group size)."""
     dtype = None if args.compute_dtype == "float32" else args.compute_dtype
-    return dict(symmetric=args.symmetric, scale_form=args.scale_form, clip=args.clip, n_grid=args.n_grid,
+    return dict(symmetric=args.symmetric, scale_form=args.scale_form, clip=args.clip, clip_skip_qk=not args.clip_qk,
+                n_grid=args.n_grid,
                 loss_samples=args.loss_samples, propagate=args.propagate, calib_dtype=dtype, search_dtype=dtype)
 
 
@@ -225,6 +226,8 @@ def _quant_flags(p: argparse.ArgumentParser, group_size: int, multi_bits: bool =
                    help=f"scale grid: x_mean^a (x), x_mean^a / w_mean^(1-a) (duo), or both (default {d.scale_form})")
     s.add_argument("--clip", choices=["asym", "sym", "none"], default=d.clip,
                    help=f"weight clipping search: asym (min and max), sym (max |w|) or none (default {d.clip})")
+    s.add_argument("--clip-qk", action="store_true",
+                   help="also clip the weights feeding attention queries/keys (skipped by default, as in the reference)")
     s.add_argument("--n-grid", type=int, default=d.n_grid, help=f"grid points for the scale exponent (default {d.n_grid})")
     s.add_argument("--loss-samples", type=int, default=d.loss_samples,
                    help=f"calibration sequences kept for the search losses (default {d.loss_samples})")

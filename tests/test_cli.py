@@ -60,7 +60,7 @@ def test_bad_graph_suffix_and_no_command(tiny_dir, capsys):
     ("inspect", ["--json", "--graph", "MODEL"]),
     ("quantize", ["--bits", "--group-size", "--out", "--calib", "--samples", "--seq-len", "--format", "--device",
                   "--eval", "--overwrite", "--symmetric", "--scale-form", "--clip", "--propagate", "--method",
-                  "--compute-dtype"]),
+                  "--compute-dtype", "--clip-qk"]),
     ("eval", ["--text", "--bits", "--group-size", "--methods", "--json", "--max-windows", "--plot", "--compute-dtype"]),
     ("bench", ["--prompt-len", "--new-tokens", "--repeats", "--device", "--json", "--bits"]),
 ])
@@ -80,6 +80,7 @@ def test_compute_dtype_sets_calibration_and_search_precision(flag, expect):
     args = build_parser().parse_args(["quantize", "--out", "x", "--compute-dtype", flag])
     cfg = _config_from_args(args)
     assert (cfg.calib_dtype, cfg.search_dtype) == (expect, expect)
+    assert cfg.clip_skip_qk and not _config_from_args(build_parser().parse_args(["quantize", "--out", "x", "--clip-qk"])).clip_skip_qk
 
 
 QUICK = ["--samples", "4", "--seq-len", "16", "--quiet", "--n-grid", "4"]
