@@ -233,8 +233,11 @@ def plot_results(result: dict[str, Any], path: str | Path) -> None:
     if fp:
         ax.axhline(fp[0], color="gray", linestyle="--", label="fp")
     ax.set_xlabel("weight bits")
-    ax.set_ylabel("perplexity")
+    ax.set_xticks(sorted({r["bits"] for r in rows if r["method"] != "fp"}))
+    ax.set_ylabel("perplexity (log scale)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_title(f"group size {result['group_size']}, {result['windows']} x {result['seq_len']} tokens")
     ax.legend()
     fig.tight_layout()
