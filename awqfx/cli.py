@@ -326,9 +326,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if getattr(args, "graph", None) and Path(args.graph).suffix.lower() not in (".svg", ".html"):
         parser.error(f"--graph must end in .svg or .html, got {args.graph!r}")
-    from awqfx.observe import return_large_frees_to_os
-
-    return_large_frees_to_os()  # peak memory of calibration/search: see its docstring (docs/results.md)
     try:
         return args.func(args)
     except UsageError as e:

@@ -121,23 +121,6 @@ def release_memory() -> None:
         pass
 
 
-def return_large_frees_to_os(threshold: int = 4 << 20) -> bool:
-    """Ask glibc to serve every allocation above ``threshold`` bytes with its own mmap, so that
-    freeing a large activation returns it to the OS at once.
-
-    glibc's default threshold grows with the first large frees, after which activation-sized blocks
-    come from its heap and stay cached: a [8, 512]-token forward of SmolLM2 peaks ~0.8 GB higher
-    than it needs. Process-wide, so only the CLI (which owns its process) calls it; returns False
-    where glibc is absent.
-    """
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
 def is_observer(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op != "call_module":
         return False
