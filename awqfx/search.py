@@ -2,7 +2,8 @@
 
 How activations reach the search
     ``prepare`` records ``loss_samples`` calibration sequences as *graph inputs* (token ids; the
-    first ones fed, which ``calibrate`` picks evenly spaced over an ``[N, L]`` calibration set). A :class:`_Stream` replays them through a private working copy of the graph,
+    first ones fed, which ``calibrate`` picks evenly spaced over an ``[N, L]`` calibration set).
+    A :class:`_Stream` replays them through a private working copy of the graph,
     node by node and on demand: when group ``k`` is searched, exactly the nodes its loss region
     reads are computed (with the weights as they are *now*: earlier groups folded, and in
     ``propagate="quant"`` mode earlier weights already fake-quantized); values are freed as soon
