@@ -41,7 +41,8 @@ class AWQConfig:
         reference) or ``"none"``. clip_grid steps of 1/clip_grid from 1.0 down to max_shrink
         (exclusive: 1.0, 0.95, ..., 0.55 for the defaults). clip_skip_qk skips weights feeding
         attention queries/keys (the reference's default, kept; clipping them too measured +3.7
-        points of RTN's gap at w4 g64 on SmolLM2 for ~2 s more, docs/results.md). clip_tokens: input tokens sampled for the clip loss.
+        points of RTN's gap at w4 g64 on SmolLM2, docs/results.md). clip_tokens: input tokens
+        sampled for the clip loss.
     Other
         method: ``"awq"`` or ``"rtn"`` (round-to-nearest baseline: no scales, no clip).
         device: where calibration and search run (None: where the graph's parameters are).

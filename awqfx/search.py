@@ -629,12 +629,10 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
         own = changes.get(n.target, -1) if n.op == "get_attr" else -1
         lc[n] = max([own] + [lc[a] for a in n.all_input_nodes])
     last_use: dict[fx.Node, int] = {}
+    needed: set[fx.Node] = set()
     for ti, req in enumerate(requires):
         for r in req:
             last_use[r] = ti
-    needed: set[fx.Node] = set()
-    for req in requires:
-        for r in req:
             if r not in needed:
                 needed |= _ancestors(r)
 
