@@ -100,7 +100,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _search_kwargs(args: argparse.Namespace) -> dict:
     """The AWQConfig fields the quantization / search flags set (everything but bits and group size)."""
     dtype = None if args.compute_dtype == "float32" else args.compute_dtype
-    return dict(symmetric=args.symmetric, scale_form=args.scale_form, clip=args.clip, clip_skip_qk=not args.clip_qk,
+    return dict(symmetric=args.symmetric, scale_form=args.scale_form, clip=args.clip, clip_grid=args.clip_grid,
+                clip_rounds=args.clip_rounds,
+                clip_skip_qk=not args.clip_qk,
                 n_grid=args.n_grid, loss_samples=args.loss_samples, propagate=args.propagate,
                 calib_dtype=dtype, search_dtype=dtype)
 
@@ -224,8 +226,14 @@ def _quant_flags(p: argparse.ArgumentParser, group_size: int, multi_bits: bool =
     s = p.add_argument_group("AWQ search")
     s.add_argument("--scale-form", choices=["x", "duo", "both"], default=d.scale_form,
                    help=f"scale grid: x_mean^a (x), x_mean^a / w_mean^(1-a) (duo), or both (default {d.scale_form})")
-    s.add_argument("--clip", choices=["asym", "sym", "none"], default=d.clip,
-                   help=f"weight clipping search: asym (min and max), sym (max |w|) or none (default {d.clip})")
+    s.add_argument("--clip", choices=["minmax", "asym", "sym", "none"], default=d.clip,
+                   help="weight clipping search: minmax (shrink max and min separately), asym (max and min by one "
+                        f"ratio), sym (max |w|) or none (default {d.clip})")
+    s.add_argument("--clip-grid", type=int, default=d.clip_grid,
+                   help=f"clip shrink steps of 1/N from 1.0 down to 0.5 (default {d.clip_grid})")
+    s.add_argument("--clip-rounds", type=int, default=d.clip_rounds,
+                   help="passes refining each group's clip against the whole linear's output error; 0 = the "
+                        f"reference's per-group loss only (default {d.clip_rounds})")
     s.add_argument("--clip-qk", action="store_true",
                    help="also clip the weights feeding attention queries/keys (skipped by default, as in the reference)")
     s.add_argument("--n-grid", type=int, default=d.n_grid, help=f"grid points for the scale exponent (default {d.n_grid})")

@@ -27,11 +27,15 @@ Per group (graph order)
 
 Clip (after the weight's last scaling group)
     For each 2-D quantized weight (q/k skipped by default; 3-D expert weights are not clipped),
-    try shrink ratios 1.0, 0.95, ... (> max_shrink) of the group range -- ``asym``: max and min
-    together (llmc), ``sym``: max |w| (the reference, clamping both ends) -- and keep, per
-    (row, group), the ratio with the smallest mean squared error of the partial products
-    ``x_g . (Q(w_g) - w_g)`` over ``clip_tokens`` input tokens (batched matmuls, chunked over
-    rows). Ratios are invariant to the per-row scaling a later group may fold into the weight
+    try shrink ratios 1.0, 0.95, ... (> max_shrink) of the group range -- ``minmax``: the max and
+    the min shrinks separately (coordinate sweeps from the best joint shrink), ``asym``: max and
+    min together (llmc), ``sym``: max |w| (the reference, clamping both ends) -- and keep, per
+    (row, group), the choice with the smallest mean squared error of the partial products
+    ``x_g . (Q(w_g) - w_g)`` over ``clip_tokens`` input tokens (the reference's loss, computed as
+    ``d_g G_g d_g^T`` from the input Gram ``G``). Then ``clip_rounds`` passes refine each group's
+    choice against the whole row's output error ``d G d^T``: the other groups' errors add to or
+    cancel this group's through the off-diagonal blocks of ``G``, which the per-group loss
+    ignores. Ratios are invariant to the per-row scaling a later group may fold into the weight
     (v_proj rows, up_proj rows), so the plan stores absolute ranges computed on the final folds.
 """
 from __future__ import annotations
@@ -56,9 +60,8 @@ from passes.quantize_linears import fake_quantize_param, from_rows, rows_view
 
 log = logging.getLogger(__name__)
 
-__all__ = ["search", "rtn_plan", "build_region", "Region", "clip_ratios", "clip_range"]
+__all__ = ["search", "rtn_plan", "build_region", "Region", "clip_ratios", "clip_range", "refine_clip_jointly"]
 
-_ELEMS_CAP = 1 << 24  # elements of one clip-search error block (64 MB fp32)
 
 
 # -- copies --------------------------------------------------------------------------------
@@ -202,7 +205,7 @@ def build_region(gm: fx.GraphModule, group: ScaleGroup) -> Region:
 class _Stream:
     """Node values of the working graph on the loss sample (one env per chunk of sequences)."""
 
-    def __init__(self, gm: fx.GraphModule, chunks: list[dict], needed: set[fx.Node], lc: dict[fx.Node, int],
+    def __init__(self, gm: fx.GraphModule, chunks: list[dict], needed_until: dict[fx.Node, int], lc: dict[fx.Node, int],
                  last_use: dict[fx.Node, int]):
         self.gm = gm
         self.chunks = chunks
@@ -211,7 +214,7 @@ class _Stream:
         # Computed, consumed by every user, freed, and final (nothing it depends on changes later):
         # never computed again, so it keeps none of its inputs alive.
         self.retired: set[fx.Node] = set()
-        self.needed = needed
+        self.needed_until = needed_until  # node -> last task that may compute it
         self.lc = lc  # node -> last task that changes a parameter it depends on
         self.last_use = last_use  # node -> last task that reads it directly
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -267,7 +270,8 @@ class _Stream:
         if a in self.pinned or a not in self.computed or self.last_use.get(a, -1) > self.done:
             return
         for u in a.users:
-            if u in self.needed and ((u not in self.computed and u not in self.retired) or self.lc.get(u, -1) > self.done):
+            if self.needed_until.get(u, -1) > self.done and (
+                    (u not in self.computed and u not in self.retired) or self.lc.get(u, -1) > self.done):
                 return
         self._drop(a)
         if self.lc.get(a, -1) <= self.done:
@@ -411,44 +415,131 @@ def clip_range(mx: torch.Tensor, mn: torch.Tensor, ratio, mode: str) -> tuple[to
     return torch.minimum(mx, m), torch.maximum(mn, -m)
 
 
-def _partial_sq_err(x: torch.Tensor, d: torch.Tensor, gs: int) -> torch.Tensor:
-    """Mean over tokens of ``(x_g . d_g)^2`` per (row, group): x [T, in], d [R, in] -> [R, G]."""
-    T, n = x.shape
-    R = d.shape[0]
+def _partial_sq_err(grams: list[tuple[int, torch.Tensor]], d: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ``(x_g . d_g)^2`` per (row, group) from :func:`block_grams`: d [R, in] -> [R, G]."""
+    R, n = d.shape
     out = []
-    n_full = n // gs
-    blocks = []
-    if n_full:
-        blocks.append((x[:, : n_full * gs].reshape(T, n_full, gs), d[:, : n_full * gs].reshape(R, n_full, gs)))
-    if n_full * gs < n:
-        blocks.append((x[:, n_full * gs:].unsqueeze(1), d[:, n_full * gs:].unsqueeze(1)))
-    for xb, db in blocks:
-        e = torch.bmm(xb.permute(1, 0, 2), db.permute(1, 2, 0)).float()  # [G', T, R]
-        out.append(e.pow(2).mean(1).t())
+    for start, g in grams:
+        G, gs = g.shape[0], g.shape[-1]
+        db = d[:, start : start + G * gs].reshape(R, G, gs).permute(1, 0, 2)  # [G', R, gs]
+        out.append((torch.bmm(db, g) * db).sum(-1).t())
     return torch.cat(out, 1)
 
 
-def clip_ratios(w_rows: torch.Tensor, x: torch.Tensor, spec: QuantSpec, mode: str, ratios: list[float]) -> torch.Tensor:
-    """Best shrink ratio per (row, group) of ``w_rows`` [R, in] for inputs ``x`` [T, in]."""
+def block_grams(gram: torch.Tensor, group_size: int) -> list[tuple[int, torch.Tensor]]:
+    """The diagonal blocks of an input Gram ``[in, in]`` per quantization group, as
+    ``[(first column, [G', g, g])]`` (full groups, then a ragged last group): the per-group clip loss."""
+    n = gram.shape[0]
+    g = min(group_size, n)
+    n_full = n // g
+    out = []
+    if n_full:
+        idx = torch.arange(n_full, device=gram.device)
+        blocks = gram[: n_full * g, : n_full * g].reshape(n_full, g, n_full, g)[idx, :, idx, :]
+        out.append((0, blocks))
+    if n_full * g < n:
+        out.append((n_full * g, gram[n_full * g:, n_full * g:].unsqueeze(0)))
+    return out
+
+
+def input_gram(x: torch.Tensor) -> torch.Tensor:
+    """``x^T x / T`` in float32 for tokens ``x`` [T, in]: the clip losses' view of the inputs."""
+    x = x.float()
+    return x.t() @ x / x.shape[0]
+
+
+def clip_ratios(w_rows: torch.Tensor, grams: list[tuple[int, torch.Tensor]], spec: QuantSpec, mode: str,
+                ratios: list[float], sweeps: int = 2) -> torch.Tensor:
+    """Best shrink ratio per (row, group) of ``w_rows`` [R, in] for inputs with the per-group
+    Grams ``grams`` (:func:`block_grams`): the reference's loss, each group on its own.
+
+    ``"sym"`` / ``"asym"`` try one shrink for the whole range (``[R, G]``). ``"minmax"`` starts
+    from the best ``"asym"`` shrink, then refines the max and the min shrinks separately, one
+    coordinate at a time, ``sweeps`` times each (each step can only lower the error), and returns
+    ``[R, G, 2]`` (max ratio, min ratio): 1 + 4 grid sweeps instead of the full grid squared."""
+    gs = spec.effective_group_size(w_rows.shape[1])
+    w = w_rows.float()
+    grams = [(a, g.to(w.device, torch.float32)) for a, g in grams]
+    mx, mn = _group_minmax(w, gs)
+
+    def err_of(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+        return _partial_sq_err(grams, fake_quantize(w, spec, max_val=hi, min_val=lo) - w)
+
+    best_err = torch.full(mx.shape, float("inf"), device=w.device)
+    best = torch.ones(mx.shape, device=w.device)
+    for r in ratios:
+        err = err_of(*clip_range(mx, mn, r, "sym" if mode == "sym" else "asym"))
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(err, r), best)
+    if mode != "minmax":
+        return best
+    ra, rb = best.clone(), best.clone()  # max shrink, min shrink
+    for _ in range(sweeps):
+        for side in (0, 1):
+            for r in ratios:
+                hi, lo = (mx * r, mn * rb) if side == 0 else (mx * ra, mn * r)
+                err = err_of(hi, lo)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                if side == 0:
+                    ra = torch.where(better, torch.full_like(err, r), ra)
+                else:
+                    rb = torch.where(better, torch.full_like(err, r), rb)
+    return torch.stack([ra, rb], -1)
+
+
+def refine_clip_jointly(w_rows: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, mode: str, ratio: torch.Tensor,
+                        ratios: list[float], rounds: int) -> torch.Tensor:
+    """Refine the per-group clip choice ``ratio`` (from :func:`clip_ratios`, same ``mode``) against
+    the whole linear's output error ``d G d^T`` (``gram`` [in, in], mean over tokens).
+
+    The per-group loss of the reference treats each group's rounding error as if it were alone; on
+    one output row the groups' errors add up or cancel through the off-diagonal blocks of G. Here
+    each group in turn picks, per row, the candidate that minimises the row's total error given
+    the other groups' current choice, ``rounds`` times over all groups: each step can only lower it.
+    Candidates: the mode's shrink ratios (``"minmax"``: every max shrink with the current min
+    shrink, and every min shrink with the current max).
+    """
     R, n = w_rows.shape
     gs = spec.effective_group_size(n)
-    G = len(group_bounds(n, gs))
     w = w_rows.float()
-    x = x.float()
-    best = torch.ones(R, G, device=w.device)
-    step = max(1, _ELEMS_CAP // max(1, G * x.shape[0]))
-    for r0 in range(0, R, step):
-        wc = w[r0 : r0 + step]
-        mx, mn = _group_minmax(wc, gs)
-        best_err = torch.full(mx.shape, float("inf"), device=w.device)
-        for r in ratios:
-            hi, lo = clip_range(mx, mn, r, mode)
-            d = fake_quantize(wc, spec, max_val=hi, min_val=lo) - wc
-            err = _partial_sq_err(x, d, gs)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best[r0 : r0 + step] = torch.where(better, torch.full_like(err, r), best[r0 : r0 + step])
-    return best
+    gram = gram.float().to(w.device)
+    mx, mn = _group_minmax(w, gs)
+    pair = mode == "minmax"
+    ra = (ratio[..., 0] if pair else ratio).clone().to(w.device)
+    rb = ratio[..., 1].clone().to(w.device) if pair else ra
+    if pair:
+        d = fake_quantize(w, spec, max_val=mx * ra, min_val=mn * rb) - w
+    else:
+        d = fake_quantize(w, spec, *clip_range(mx, mn, ra, mode)) - w
+    cand = torch.tensor(ratios, device=w.device)
+    k = len(ratios)
+    rows = torch.arange(R, device=w.device)
+    for _ in range(rounds):
+        for gi, (a, b) in enumerate(group_bounds(n, gs)):
+            wg, gg = w[:, a:b], gram[a:b, a:b]
+            cross = d @ gram[:, a:b] - d[:, a:b] @ gg  # [R, g]: what the other groups' errors add
+            if pair:  # [R, 2k]: vary the max shrink, then the min shrink
+                hi = torch.cat([mx[:, gi, None] * cand, (mx[:, gi] * ra[:, gi])[:, None].expand(R, k)], 1)
+                lo = torch.cat([(mn[:, gi] * rb[:, gi])[:, None].expand(R, k), mn[:, gi, None] * cand], 1)
+            else:
+                hi, lo = clip_range(mx[:, gi, None], mn[:, gi, None], cand, mode)
+            m = hi.shape[1]
+            wr = wg.repeat_interleave(m, 0)
+            sub = QuantSpec(spec.bits, b - a, spec.symmetric)
+            D = (fake_quantize(wr, sub, max_val=hi.reshape(-1, 1), min_val=lo.reshape(-1, 1)) - wr).reshape(R, m, b - a)
+            err = ((D @ gg) * D).sum(-1) + 2 * (D * cross[:, None, :]).sum(-1)
+            cur = ((d[:, a:b] @ gg) * d[:, a:b]).sum(-1) + 2 * (d[:, a:b] * cross).sum(-1)
+            j = err.argmin(1)
+            take = err[rows, j] < cur
+            d[:, a:b] = torch.where(take[:, None], D[rows, j], d[:, a:b])
+            if pair:
+                ra[:, gi] = torch.where(take & (j < k), cand[j.clamp(max=k - 1)], ra[:, gi])
+                rb[:, gi] = torch.where(take & (j >= k), cand[(j - k).clamp(min=0)], rb[:, gi])
+            else:
+                ra[:, gi] = torch.where(take, cand[j], ra[:, gi])
+    return torch.stack([ra, rb], -1) if pair else ra
 
 
 def _abs_clip(w: torch.Tensor, in_dim: int, spec: QuantSpec, ratio: torch.Tensor, mode: str):
@@ -456,7 +547,11 @@ def _abs_clip(w: torch.Tensor, in_dim: int, spec: QuantSpec, ratio: torch.Tensor
     lead = rows.shape[:-1]
     r2 = rows.reshape(-1, rows.shape[-1])
     mx, mn = _group_minmax(r2, spec.effective_group_size(r2.shape[-1]))
-    hi, lo = clip_range(mx, mn, ratio.to(mx.device), mode)
+    ratio = ratio.to(mx.device)
+    if mode == "minmax":
+        hi, lo = mx * ratio[..., 0], mn * ratio[..., 1]
+    else:
+        hi, lo = clip_range(mx, mn, ratio, mode)
     G = mx.shape[-1]
     return hi.reshape(*lead, G).cpu(), lo.reshape(*lead, G).cpu()
 
@@ -629,12 +724,17 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
         own = changes.get(n.target, -1) if n.op == "get_attr" else -1
         lc[n] = max([own] + [lc[a] for a in n.all_input_nodes])
     last_use: dict[fx.Node, int] = {}
-    needed: set[fx.Node] = set()
-    for ti, req in enumerate(requires):
-        for r in req:
-            last_use[r] = ti
-            if r not in needed:
-                needed |= _ancestors(r)
+    needed_until: dict[fx.Node, int] = {}  # node -> last task whose inputs depend on it
+    for ti in range(len(requires) - 1, -1, -1):  # backwards: the first visit is the last task
+        stack = [r for r in requires[ti] if r not in needed_until]
+        for r in requires[ti]:
+            last_use.setdefault(r, ti)
+        while stack:
+            n = stack.pop()
+            if n in needed_until:
+                continue
+            needed_until[n] = ti
+            stack.extend(a for a in n.all_input_nodes if a not in needed_until)
 
     sample = {k: (v[: cfg.loss_samples] if isinstance(v, torch.Tensor) and v.dim() else v)
               for k, v in observed.loss_inputs().items()}
@@ -651,11 +751,12 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     for r0 in range(0, n_rows, cfg.batch_size):
         chunks.append({k: (v[r0 : r0 + cfg.batch_size].to(device) if isinstance(v, torch.Tensor) and v.dim() else v)
                        for k, v in sample.items()})
-    stream = _Stream(work, chunks, needed, lc, last_use)
+    stream = _Stream(work, chunks, needed_until, lc, last_use)
 
     scale_of: dict[int, torch.Tensor] = {}
     infos: dict[int, dict] = {}
     ratio_of: dict[str, torch.Tensor] = {}
+    clip_tokens: dict[str, int] = {}
     t_scale = t_clip = 0.0
     n_evals = 0
     bar = tqdm(tasks, desc="awq search", unit="task", disable=not progress)
@@ -725,11 +826,18 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
                     stream.pinned = {data}
                     xs = [v.reshape(-1, v.shape[-1]) for v in stream.values(data)]
                     x = torch.cat(xs, 0) if len(xs) > 1 else xs[0]
-                    stepx = max(1, x.shape[0] // cfg.clip_tokens)
-                    x = x[::stepx][: cfg.clip_tokens].float()
+                    x = x[:: max(1, x.shape[0] // cfg.clip_tokens)][: cfg.clip_tokens]
                     wr = rows_view(get_param(work, w).detach(), in_dim).float()
-                    ratio_of[w] = clip_ratios(wr, x, spec, cfg.clip, cfg.shrink_ratios()).cpu()
-                    del x, xs
+                    ratios = cfg.shrink_ratios()
+                    with torch.autocast(device.type, enabled=False):
+                        gram = input_gram(x)
+                        r = clip_ratios(wr, block_grams(gram, spec.effective_group_size(wr.shape[-1])), spec,
+                                        cfg.clip, ratios)
+                        if cfg.clip_rounds:
+                            r = refine_clip_jointly(wr, gram, spec, cfg.clip, r, ratios, cfg.clip_rounds)
+                    ratio_of[w] = r.cpu()
+                    clip_tokens[w] = x.shape[0]
+                    del x, xs, gram
                 if quant_mode:
                     cur = get_param(work, w)
                     hi = lo = None
@@ -753,7 +861,8 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     for w, r in ratio_of.items():
         wp = weights[w]
         wp.max_val, wp.min_val = _abs_clip(get_param(final, w), wp.in_dim, spec, r, cfg.clip)
-        wp.info = {"clip": cfg.clip, "mean_ratio": float(r.mean())}
+        wp.info = {"clip": cfg.clip, "mean_ratio": float(r.mean()),
+                   "clip_tokens": clip_tokens[w], "clip_rounds": cfg.clip_rounds}
     replay_s, replayed = stream.seconds, stream.nodes_run
     del stream, regions, chunks, work, final
     release_memory()

@@ -9,7 +9,7 @@ from awqfx.api import apply_awq_pass, calibrate, convert, prepare
 from awqfx.config import AWQConfig
 from awqfx.plan import apply_plan
 from awqfx.quant import QuantSpec, fake_quantize
-from awqfx.search import build_region, clip_ratios, search
+from awqfx.search import block_grams, build_region, clip_range, clip_ratios, input_gram, refine_clip_jointly, search
 from tiny_models import build, calib_ids, token_ids
 
 
@@ -127,7 +127,7 @@ def test_clip_search_shrinks_an_outlier_group():
     w = torch.randn(8, 32)
     w[0, 3] = 12.0  # one outlier stretches group (0, 0)
     x = torch.randn(256, 32)
-    r = clip_ratios(w, x, spec, "asym", [1.0 - i / 20 for i in range(10)])
+    r = clip_ratios(w, block_grams(input_gram(x), 16), spec, "asym", [1.0 - i / 20 for i in range(10)])
     assert r.shape == (8, 2)
     assert r[0, 0] < 1.0
 
@@ -140,6 +140,47 @@ def test_clip_search_shrinks_an_outlier_group():
     mx, mn = _group_minmax(w, 16)
     hi, lo = clip_range(mx, mn, r, "asym")
     assert err(hi, lo) <= err()
+
+
+def test_clip_error_gram_form_equals_the_partial_dot_products():
+    torch.manual_seed(1)
+    from awqfx.search import _partial_sq_err
+
+    x, d = torch.randn(100, 40), torch.randn(6, 40)  # groups of 16: two full, one ragged of 8
+    got = _partial_sq_err(block_grams(input_gram(x), 16), d)
+    want = torch.stack([(x[:, a:b] @ d[:, a:b].t()).pow(2).mean(0) for a, b in ((0, 16), (16, 32), (32, 40))], 1)
+    assert got.shape == (6, 3)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_minmax_clip_picks_the_best_pair_per_group():
+    torch.manual_seed(2)
+    spec = QuantSpec(3, 16, False)
+    w, x = torch.randn(4, 32), torch.randn(64, 32)
+    w[1, 20] = 6.0  # a one-sided outlier: only the max should need shrinking
+    ratios = [1.0, 0.9, 0.8, 0.7]
+    r = clip_ratios(w, block_grams(input_gram(x), 16), spec, "minmax", ratios)
+    assert r.shape == (4, 2, 2)
+    from awqfx.search import _group_minmax
+
+    mx, mn = _group_minmax(w, 16)
+
+    def err(row, grp, ra, rb):
+        hi, lo = mx.clone(), mn.clone()
+        hi[row, grp], lo[row, grp] = mx[row, grp] * ra, mn[row, grp] * rb
+        d = (fake_quantize(w, spec, max_val=hi, min_val=lo) - w)[row, grp * 16 : grp * 16 + 16]
+        return float((x[:, grp * 16 : grp * 16 + 16] @ d).pow(2).mean())
+
+    joint = clip_ratios(w, block_grams(input_gram(x), 16), spec, "asym", ratios)
+    for row in range(4):
+        for grp in range(2):
+            a, b = r[row, grp].tolist()
+            got = err(row, grp, a, b)
+            # never worse than the joint shrink it starts from; the last sweep (the min shrink) is optimal
+            assert got <= err(row, grp, joint[row, grp], joint[row, grp]) * (1 + 1e-4)
+            assert got <= min(err(row, grp, a, rb) for rb in ratios) * (1 + 1e-4)
+    assert r[1, 1, 0] < 1.0  # the outlier group shrinks its max
+    assert (r[..., 0] != r[..., 1]).any()  # the two sides do move apart
 
 
 def test_ragged_groups_and_rtn_method():
@@ -230,3 +271,32 @@ def test_loss_sample_is_spread_over_the_calibration_set():
     (sample,) = [v for v in obs.loss_inputs().values() if isinstance(v, torch.Tensor)]
     assert torch.equal(sample, calib[[0, 6, 11]])  # first, middle and last sequence, not the first three
     assert obs.calibration["sequences"] == 12
+
+
+
+@pytest.mark.parametrize("mode", ["minmax", "asym", "sym"])
+def test_joint_clip_refinement_lowers_the_whole_output_error(mode):
+    """Each group's choice, refined against the linear's whole output, never raises ``d G d^T``;
+    on correlated inputs (the off-diagonal blocks matter) it lowers it well below the per-group pick."""
+    torch.manual_seed(3)
+    from awqfx.search import _group_minmax
+
+    spec = QuantSpec(3, 16, False)
+    w = torch.randn(8, 40)
+    x = torch.randn(500, 40) @ torch.randn(40, 40) * 0.3 + torch.randn(500, 40)
+    ratios = [1.0 - i / 20 for i in range(10)]
+    gram = input_gram(x)
+    mx, mn = _group_minmax(w, 16)
+
+    def total(r):
+        hi, lo = (mx * r[..., 0], mn * r[..., 1]) if mode == "minmax" else clip_range(mx, mn, r, mode)
+        d = fake_quantize(w, spec, max_val=hi, min_val=lo) - w
+        return ((d @ gram) * d).sum(-1)  # per output row
+
+    per_group = clip_ratios(w, block_grams(gram, 16), spec, mode, ratios)
+    one = refine_clip_jointly(w, gram, spec, mode, per_group, ratios, 1)
+    two = refine_clip_jointly(w, gram, spec, mode, per_group, ratios, 2)
+    assert one.shape == per_group.shape
+    assert (total(one) <= total(per_group) * (1 + 1e-5)).all() and (total(two) <= total(one) * (1 + 1e-5)).all()
+    assert float(total(two).sum()) < 0.95 * float(total(per_group).sum())
+    assert set(two.flatten().tolist()) <= set(torch.tensor(ratios).tolist())
