@@ -43,7 +43,8 @@ class AWQConfig:
         0.95, ..., 0.55 for the defaults). clip_rounds: after the reference's per-group loss, refine
         each group's choice against the whole linear's output error (the groups' errors add up or
         cancel on one output), this many passes over the groups; 0 = the per-group loss only. On
-        SmolLM2 w4 g64 the refinement takes AWQ from 59 % to 76 % of RTN's gap (docs/results.md).
+        SmolLM2 w4 g64 the per-group variants recover 54-59 % of RTN's gap, the refinement 76 %
+        (docs/results.md).
         clip_skip_qk skips weights feeding attention queries/keys (the reference's default, kept).
         clip_tokens: loss-sample tokens (evenly spaced) the clip losses use.
     Other
