@@ -101,8 +101,7 @@ def _search_kwargs(args: argparse.Namespace) -> dict:
     """The AWQConfig fields the quantization / search flags set (everything but bits and group size)."""
     dtype = None if args.compute_dtype == "float32" else args.compute_dtype
     return dict(symmetric=args.symmetric, scale_form=args.scale_form, clip=args.clip, clip_grid=args.clip_grid,
-                clip_rounds=args.clip_rounds,
-                clip_skip_qk=not args.clip_qk,
+                clip_rounds=args.clip_rounds, clip_skip_qk=not args.clip_qk,
                 n_grid=args.n_grid, loss_samples=args.loss_samples, propagate=args.propagate,
                 calib_dtype=dtype, search_dtype=dtype)
 

@@ -60,7 +60,7 @@ def test_bad_graph_suffix_and_no_command(tiny_dir, capsys):
     ("inspect", ["--json", "--graph", "MODEL"]),
     ("quantize", ["--bits", "--group-size", "--out", "--calib", "--samples", "--seq-len", "--format", "--device",
                   "--eval", "--overwrite", "--symmetric", "--scale-form", "--clip", "--propagate", "--method",
-                  "--compute-dtype", "--clip-qk", "--clip-grid", "minmax"]),
+                  "--compute-dtype", "--clip-qk", "--clip-grid", "--clip-rounds", "minmax"]),
     ("eval", ["--text", "--bits", "--group-size", "--methods", "--json", "--max-windows", "--plot", "--compute-dtype"]),
     ("bench", ["--prompt-len", "--new-tokens", "--repeats", "--device", "--json", "--bits"]),
 ])
@@ -81,8 +81,9 @@ def test_compute_dtype_sets_calibration_and_search_precision(flag, expect):
     cfg = _config_from_args(args)
     assert (cfg.calib_dtype, cfg.search_dtype) == (expect, expect)
     assert cfg.clip_skip_qk and not _config_from_args(build_parser().parse_args(["quantize", "--out", "x", "--clip-qk"])).clip_skip_qk
-    c2 = _config_from_args(build_parser().parse_args(["quantize", "--out", "x", "--clip", "minmax", "--clip-grid", "40"]))
-    assert (c2.clip, c2.clip_grid) == ("minmax", 40)
+    c2 = _config_from_args(build_parser().parse_args(["quantize", "--out", "x", "--clip", "sym", "--clip-grid", "40",
+                                                      "--clip-rounds", "0"]))
+    assert (c2.clip, c2.clip_grid, c2.clip_rounds) == ("sym", 40, 0)
 
 
 QUICK = ["--samples", "4", "--seq-len", "16", "--quiet", "--n-grid", "4"]
