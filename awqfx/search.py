@@ -408,7 +408,10 @@ def _group_minmax(w_rows: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Te
 
 
 def clip_range(mx: torch.Tensor, mn: torch.Tensor, ratio, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clipped ``(max_val, min_val)`` of groups with range ``[mn, mx]`` at shrink ``ratio``."""
+    """The clipped ``(max_val, min_val)`` of groups with range ``[mn, mx]`` at shrink ``ratio``
+    (``"minmax"``: ``ratio[..., 0]`` shrinks the max, ``ratio[..., 1]`` the min)."""
+    if mode == "minmax":
+        return mx * ratio[..., 0], mn * ratio[..., 1]
     if mode == "asym":
         return mx * ratio, mn * ratio
     m = torch.maximum(mx.abs(), mn.abs()) * ratio
@@ -507,12 +510,10 @@ def refine_clip_jointly(w_rows: torch.Tensor, gram: torch.Tensor, spec: QuantSpe
     gram = gram.float().to(w.device)
     mx, mn = _group_minmax(w, gs)
     pair = mode == "minmax"
-    ra = (ratio[..., 0] if pair else ratio).clone().to(w.device)
-    rb = ratio[..., 1].clone().to(w.device) if pair else ra
-    if pair:
-        d = fake_quantize(w, spec, max_val=mx * ra, min_val=mn * rb) - w
-    else:
-        d = fake_quantize(w, spec, *clip_range(mx, mn, ra, mode)) - w
+    ratio = ratio.to(w.device)
+    d = fake_quantize(w, spec, *clip_range(mx, mn, ratio, mode)) - w
+    ra = (ratio[..., 0] if pair else ratio).clone()
+    rb = ratio[..., 1].clone() if pair else ra
     cand = torch.tensor(ratios, device=w.device)
     k = len(ratios)
     rows = torch.arange(R, device=w.device)
@@ -547,11 +548,7 @@ def _abs_clip(w: torch.Tensor, in_dim: int, spec: QuantSpec, ratio: torch.Tensor
     lead = rows.shape[:-1]
     r2 = rows.reshape(-1, rows.shape[-1])
     mx, mn = _group_minmax(r2, spec.effective_group_size(r2.shape[-1]))
-    ratio = ratio.to(mx.device)
-    if mode == "minmax":
-        hi, lo = mx * ratio[..., 0], mn * ratio[..., 1]
-    else:
-        hi, lo = clip_range(mx, mn, ratio, mode)
+    hi, lo = clip_range(mx, mn, ratio.to(mx.device), mode)
     G = mx.shape[-1]
     return hi.reshape(*lead, G).cpu(), lo.reshape(*lead, G).cpu()
 

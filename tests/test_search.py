@@ -288,8 +288,7 @@ def test_joint_clip_refinement_lowers_the_whole_output_error(mode):
     mx, mn = _group_minmax(w, 16)
 
     def total(r):
-        hi, lo = (mx * r[..., 0], mn * r[..., 1]) if mode == "minmax" else clip_range(mx, mn, r, mode)
-        d = fake_quantize(w, spec, max_val=hi, min_val=lo) - w
+        d = fake_quantize(w, spec, *clip_range(mx, mn, r, mode)) - w
         return ((d @ gram) * d).sum(-1)  # per output row
 
     per_group = clip_ratios(w, block_grams(gram, 16), spec, mode, ratios)
