@@ -19,11 +19,18 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from awqfx.apply import apply_plan
 from awqfx.calibrate import CalibrationError, calibrate, iter_batches
+from awqfx.capture import capture
 from awqfx.config import AWQConfig
-from awqfx.observe import NonFiniteActivationError, ObservedGraph, insert_observers, release_memory
-from awqfx.plan import AWQPlan, apply_plan
-from awqfx.search import move_to, search, shallow_copy
+from awqfx.graph import linear_table, shallow_copy
+from awqfx.memory import release_memory
+from awqfx.observed import ObservedGraph
+from awqfx.params import get_param, move_to
+from awqfx.passes.discover import discover
+from awqfx.passes.observers import NonFiniteActivationError, insert_observers
+from awqfx.plan import AWQPlan
+from awqfx.search import search
 
 __all__ = [
     "AWQConfig", "AWQPlan", "ObservedGraph", "prepare", "calibrate", "search", "convert", "apply_awq_pass",
@@ -44,8 +51,6 @@ def _config(config: AWQConfig | Mapping | None) -> AWQConfig:
 def _as_graph(gm: nn.Module) -> fx.GraphModule:
     if isinstance(gm, fx.GraphModule):
         return gm
-    from awqfx.capture import capture
-
     return capture(gm)
 
 
@@ -60,17 +65,15 @@ def prepare(gm: nn.Module, config: AWQConfig | Mapping | None = None) -> Observe
     Raises ``ValueError`` when the config does not fit the model (e.g. a group size larger than a
     layer's input features) before any calibration work.
     """
-    from passes.discover import discover
-
     cfg = _config(config)
     t0 = time.perf_counter()
     work = shallow_copy(_as_graph(gm))
     disc = discover(work, quantize_head=cfg.quantize_head)
     groups = [g for g in disc.groups if any(c.quantize for c in g.consumers)]  # others keep s = 1
-    observed = insert_observers(work, disc, cfg, groups)
+    linears, data_of = linear_table(work)
+    means, samples = insert_observers(work, groups, cfg.loss_samples if cfg.method == "awq" else 0)
+    observed = ObservedGraph(work, disc, cfg, groups, linears, data_of, means, samples)
     spec = cfg.spec
-    from passes.fold import get_param
-
     for w in disc.quantizable:
         if not bool(torch.isfinite(get_param(work, w)).all()):
             raise ValueError(f"{w} has NaN or Inf values: the model's weights are broken before quantization "
@@ -87,15 +90,16 @@ def prepare(gm: nn.Module, config: AWQConfig | Mapping | None = None) -> Observe
     return observed
 
 
-def convert(gm: nn.Module | ObservedGraph, plan: AWQPlan) -> nn.Module:
+def convert(gm: nn.Module | ObservedGraph, plan: AWQPlan, weights: str = "fake") -> nn.Module:
     """A copy of ``gm`` with the plan applied: scales folded, weights fake-quantized, observers removed.
 
     ``gm`` is the captured GraphModule (or the observed graph, or the model's module tree: see
-    :func:`awqfx.plan.apply_plan`).
+    :func:`awqfx.apply.apply_plan`). ``weights``: ``"fake"`` (fake-quantized float weights) or
+    ``"packed"`` (packed integer weights and the int4 kernels).
     """
     t0 = time.perf_counter()
     target = gm.gm if isinstance(gm, ObservedGraph) else gm
-    out = apply_plan(target, plan, inplace=False)
+    out = apply_plan(target, plan, weights=weights)
     plan.metadata.setdefault("timings", {})["convert_s"] = time.perf_counter() - t0
     if isinstance(out, fx.GraphModule):
         out.meta["awqfx_plan"] = plan
@@ -116,12 +120,12 @@ def _check_calib(calib: Any, cfg: AWQConfig) -> None:
 
 
 def apply_awq_pass(gm: nn.Module, calib: Any = None, config: AWQConfig | Mapping | None = None,
-                   progress: bool = True) -> fx.GraphModule:
+                   progress: bool = True, weights: str = "fake") -> fx.GraphModule:
     """prepare -> calibrate -> search -> convert; returns the rewritten GraphModule (a new one).
 
     ``calib``: a LongTensor ``[N, L]`` of token ids (run in batches of ``config.batch_size``) or an
     iterable of ``[B, L]`` tensors; not needed for ``method="rtn"``. ``gm`` is left untouched,
-    whatever happens (all work is on copies).
+    whatever happens (all work is on copies). ``weights="packed"`` returns packed int4 linears.
     """
     cfg = _config(config)
     _check_calib(calib, cfg)
@@ -132,4 +136,4 @@ def apply_awq_pass(gm: nn.Module, calib: Any = None, config: AWQConfig | Mapping
     target = gm if isinstance(gm, fx.GraphModule) else observed.gm
     del observed  # free the statistics and the working copies before the converted copy is made
     release_memory()
-    return convert(target, plan)
+    return convert(target, plan, weights=weights)

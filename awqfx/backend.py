@@ -15,7 +15,9 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from awqfx.graph import linear_op
 from awqfx.groups import Discovery
+from awqfx.passes.discover import discover
 
 __all__ = ["AWQBackend", "backend"]
 
@@ -33,8 +35,6 @@ class AWQBackend:
         self.discoveries: list[Discovery] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[torch.Tensor]):
-        from passes.discover import discover, linear_op
-
         if any(linear_op(gm, n) is not None for n in gm.graph.nodes):  # graph breaks may leave linear-free pieces
             self.discoveries.append(discover(gm))
         if self.compiler is None:

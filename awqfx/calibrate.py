@@ -14,9 +14,14 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from tqdm.auto import tqdm
 
-from awqfx.graph import drop_dtype_asserts, float_dtype
-from awqfx.observe import ObservedGraph, is_observer, release_memory
+from awqfx.graph import float_dtype
+from awqfx.memory import release_memory
+from awqfx.observed import ObservedGraph
+from awqfx.params import move_to
+from awqfx.passes.dtype_asserts import drop_dtype_asserts
+from awqfx.passes.observers import is_observer
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +95,13 @@ def calibrate(observed: ObservedGraph, batches: Any, device: str | torch.device 
     """Feed ``batches`` (``[N, L]`` token ids, or an iterable of ``[B, L]`` tensors) to the observers.
 
     Runs without gradients, with a tqdm bar. Raises :class:`CalibrationError` on empty data or
-    sequences shorter than 2 tokens, and :class:`awqfx.observe.NonFiniteActivationError` naming
+    sequences shorter than 2 tokens, and :class:`awqfx.passes.observers.NonFiniteActivationError` naming
     the node when an activation is NaN/Inf. Statistics accumulate over repeated calls.
     Returns ``observed``.
     """
-    from tqdm.auto import tqdm
-
     cfg = observed.config
     dev = torch.device(device or cfg.device or _default_device(observed))
     if dev != _default_device(observed):
-        from awqfx.search import move_to
-
         move_to(observed.gm, dev)  # replaces tensors: the caller's (shared) ones stay where they are
         observed._calib_gm = None
     cm = _calibration_module(observed)

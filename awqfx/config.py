@@ -5,8 +5,11 @@ defaults (AutoAWQ / the paper) are noted next to each field where ours differ.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+import torch
 
 from awqfx.quant import QuantSpec
 
@@ -127,10 +130,6 @@ class AWQConfig:
 
     def autocast(self, stage: str, device, model_dtype=None) -> "object":
         """``torch.autocast`` context for ``stage`` ("calib" or "search"), or a null context."""
-        import contextlib
-
-        import torch
-
         name = self.resolved_dtype(stage, device, model_dtype)
         if name is None:
             return contextlib.nullcontext()
@@ -140,8 +139,6 @@ class AWQConfig:
         """The autocast dtype of ``stage`` on ``device``: ``"auto"`` is bfloat16 for a float32 model
         (``model_dtype``; None: assumed float32) where the hardware has fast bf16 matmuls (CPU:
         avx512_bf16 / AMX; CUDA: sm80+), else None (no autocast: a half-precision model runs as is)."""
-        import torch
-
         name = self.calib_dtype if stage == "calib" else self.search_dtype
         if name != "auto":
             return name

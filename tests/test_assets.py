@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from awqfx import assets
-from awqfx.evaluate import extract_logits, perplexity, windows_for_eval
+from awqfx.app import assets
+from awqfx.app.evaluate import extract_logits, perplexity, windows_for_eval
 
 
 class CharTokenizer:
@@ -114,7 +114,7 @@ def test_text_windows_shapes():
 
 
 def test_text_windows_fewer_than_asked_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="awqfx.assets"):
+    with caplog.at_level(logging.WARNING, logger="awqfx.app.assets"):
         w = assets.text_windows(CharTokenizer(), "x" * 50, seq_len=16, n=10)
     assert w.shape == (3, 16)
     assert "only 3 windows" in caplog.text

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from awqfx.cli import main
+from awqfx.app.cli import main
 from awqfx.export import load_quantized
 from tiny_models import build, save_model_dir, token_ids
 
@@ -75,7 +75,7 @@ def test_help_documents_every_flag(cmd, flags, capsys):
 
 @pytest.mark.parametrize("flag, expect", [("float32", None), ("bfloat16", "bfloat16"), ("auto", "auto")])
 def test_compute_dtype_sets_calibration_and_search_precision(flag, expect):
-    from awqfx.cli import _config_from_args, build_parser
+    from awqfx.app.cli import _config_from_args, build_parser
 
     args = build_parser().parse_args(["quantize", "--out", "x", "--compute-dtype", flag])
     cfg = _config_from_args(args)
@@ -136,11 +136,11 @@ def test_quantize_autoawq_and_compressed_tensors_formats(tiny_dir, tmp_path):
 def test_eval_table_json_and_plot(tiny_dir, tmp_path, capsys, monkeypatch):
     import json
 
-    import awqfx.api
+    import awqfx.app.jobs
 
     calls = []
-    real = awqfx.api.calibrate
-    monkeypatch.setattr(awqfx.api, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = awqfx.app.jobs.calibrate
+    monkeypatch.setattr(awqfx.app.jobs, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
     js, png = tmp_path / "r.json", tmp_path / "r.png"
     rc = main(["eval", str(tiny_dir), "--bits", "3,4", "--group-size", "32", "--max-windows", "2",
                "--json", str(js), "--plot", str(png)] + QUICK)

@@ -15,8 +15,8 @@ import torch.nn as nn
 
 import awqfx
 from awqfx.groups import Consumer, Producer, ScaleGroup
-from passes.discover import DiscoveryError, discover
-from passes.fold import fold_scales
+from awqfx.passes.discover import DiscoveryError, discover
+from awqfx.passes.fold import fold_scales
 from tiny_models import ARCHITECTURES, build, token_ids
 
 

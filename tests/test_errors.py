@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import awqfx
-from awqfx.api import AWQConfig, NonFiniteActivationError, apply_awq_pass, apply_plan, calibrate, prepare, search
-from awqfx.cli import main
+from awqfx.api import AWQConfig, NonFiniteActivationError, apply_plan, calibrate, prepare, search
+from awqfx.app.cli import main
 from tiny_models import build
 
 

@@ -453,7 +453,6 @@ def test_activation_scales_survive_pack_save_load(tmp_path):
     packing, the native file and loading; foreign formats refuse it instead of dropping it."""
     import awqfx
     from awqfx.api import AWQConfig, calibrate, prepare, search
-    from awqfx.workflow import pack_from_plan
 
     model = build("gpt2")
     cfg = AWQConfig(group_size=32, n_grid=4, loss_samples=2)
@@ -461,12 +460,12 @@ def test_activation_scales_survive_pack_save_load(tmp_path):
     calibrate(obs, torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0)), progress=False)
     plan = search(obs, cfg, progress=False)
     assert any(g.group.producer.kind == "activation" and not torch.all(g.scale == 1) for g in plan.groups)
-    from awqfx.plan import apply_plan
+    from awqfx.apply import apply_plan
 
     ids = token_ids()
     with torch.no_grad():
         ref = apply_plan(model, plan)(ids).logits  # fake-quant module tree (hooks + folded weights)
-        packed = pack_from_plan(model, plan, backend="dequant")
+        packed = apply_plan(model, plan, weights="packed", backend="dequant")
         got = packed(ids).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     save_quantized(packed, tmp_path / "q")

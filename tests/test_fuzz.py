@@ -1,6 +1,6 @@
 """Discovery fuzzer in CI: no false positives on random models; false negatives measured.
 
-``AWQFX_FUZZ_CASES`` raises the case count (``python -m awqfx.fuzz --cases 2000`` for the full run
+``AWQFX_FUZZ_CASES`` raises the case count (``python -m awqfx.testing.fuzz --cases 2000`` for the full run
 that docs/results.md quotes).
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from awqfx.fuzz import run_case
+from awqfx.testing.fuzz import run_case
 
 CASES = int(os.environ.get("AWQFX_FUZZ_CASES", "150"))
 BRUTE = int(os.environ.get("AWQFX_FUZZ_BRUTE_CASES", "6"))

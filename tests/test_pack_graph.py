@@ -8,9 +8,8 @@ import torch
 import awqfx
 from awqfx.api import AWQConfig, calibrate, convert, prepare, search
 from awqfx.modules import QuantLinear
-from awqfx.plan import apply_plan
-from awqfx.workflow import pack_from_plan
-from passes.pack_linears import pack_linears
+from awqfx.apply import apply_plan
+from awqfx.passes.pack_linears import pack_linears
 from tiny_models import build, token_ids
 
 
@@ -27,7 +26,7 @@ def planned(request):
 def test_packed_graph_matches_fake_quant_graph(planned):
     model, gm, plan = planned
     fake = convert(gm, plan)
-    packed = pack_linears(apply_plan(gm, plan, quantize=False), plan, backend="dequant")
+    packed = pack_linears(apply_plan(gm, plan, weights="float"), plan, backend="dequant")
     n_packed = sum(isinstance(m, QuantLinear) for m in packed.modules())
     assert n_packed == sum(1 for w in plan.weights if get_ndim(gm, w) == 2) and n_packed > 0
     assert not any(n.op == "get_attr" and n.target in plan.weights for n in packed.graph.nodes)
@@ -37,14 +36,14 @@ def test_packed_graph_matches_fake_quant_graph(planned):
 
 
 def get_ndim(gm, name):
-    from passes.fold import get_param
+    from awqfx.params import get_param
 
     return get_param(gm, name).dim()
 
 
 def test_packed_graph_reexports_and_saves_as_pt2(planned, tmp_path):
     _, gm, plan = planned
-    packed = pack_linears(apply_plan(gm, plan, quantize=False), plan, backend="dequant")
+    packed = pack_linears(apply_plan(gm, plan, weights="float"), plan, backend="dequant")
     ids = token_ids()
     ep = torch.export.export(packed, (ids,), strict=False)
     torch.export.save(ep, str(tmp_path / "m.pt2"))
@@ -58,7 +57,7 @@ def test_packed_graph_reexports_and_saves_as_pt2(planned, tmp_path):
 def test_packed_module_tree_generates_the_fake_quant_greedy_tokens(planned):
     model, gm, plan = planned
     fake = convert(gm, plan)
-    packed = pack_from_plan(model, plan, backend="dequant")
+    packed = apply_plan(model, plan, weights="packed", backend="dequant")
     prompt = token_ids(batch=1, seq=6)
     packed.generation_config.eos_token_id = None  # no early stop: compare all 8 greedy steps
     with torch.no_grad():

@@ -8,8 +8,8 @@ import torch
 
 import awqfx
 from awqfx.api import AWQConfig, apply_awq_pass
-from awqfx.assets import calibration_samples, eval_text
-from awqfx.evaluate import perplexity, windows_for_eval
+from awqfx.app.assets import calibration_samples, eval_text
+from awqfx.app.evaluate import perplexity, windows_for_eval
 
 pytestmark = pytest.mark.real
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.real
 def test_awq_beats_rtn_on_the_real_model(real_model):
     model, tok = real_model
     gm = awqfx.capture(model)
-    from passes.discover import discover
+    from awqfx.passes.discover import discover
 
     d = discover(gm)
     assert len(d.groups) == 120  # 30 layers x (norm->qkv, v->o GQA, norm->gate/up, up->down); tied head blocked

@@ -7,9 +7,10 @@ import torch
 import awqfx
 from awqfx.api import apply_awq_pass, calibrate, convert, prepare
 from awqfx.config import AWQConfig
-from awqfx.plan import apply_plan
+from awqfx.apply import apply_plan
 from awqfx.quant import QuantSpec, fake_quantize
-from awqfx.search import block_grams, build_region, clip_range, clip_ratios, input_gram, refine_clip_jointly, search
+from awqfx.passes.region import extract_region
+from awqfx.search import block_grams, clip_range, clip_ratios, input_gram, refine_clip_jointly, search
 from tiny_models import build, calib_ids, token_ids
 
 
@@ -70,7 +71,7 @@ def test_folding_alone_is_exact():
     kinds = {g.group.producer.kind for g in plan.groups}
     assert {"norm", "linear", "activation"} <= kinds
     ids = token_ids()
-    folded = apply_plan(gm, plan, quantize=False)
+    folded = apply_plan(gm, plan, weights="float")
     with torch.no_grad():
         torch.testing.assert_close(folded(ids), gm(ids), rtol=1e-5, atol=1e-5)
 
@@ -91,7 +92,7 @@ def test_region_module_reproduces_the_graph():
         Rec(obs.gm).run(ids)
     by_name = {n.name: n for n in obs.gm.graph.nodes}
     for g in obs.groups[:4]:  # qkv (attention with rope + mask), v->o, gate/up, down
-        reg = build_region(obs.gm, g)
+        reg = extract_region(obs.gm, g)
         args = [values[n.name] for n in reg.env_nodes] + [awqfx.graph.fetch_attr(obs.gm, t) for t in reg.attrs]
         with torch.no_grad():
             out = reg.gm(*args)
@@ -135,16 +136,16 @@ def test_clip_search_shrinks_an_outlier_group():
         d = fake_quantize(w, spec, max_val=max_val, min_val=min_val) - w
         return float((x @ d.t()).pow(2).mean())
 
-    from awqfx.search import _group_minmax, clip_range
+    from awqfx.search.clip import clip_range, group_minmax
 
-    mx, mn = _group_minmax(w, 16)
+    mx, mn = group_minmax(w, 16)
     hi, lo = clip_range(mx, mn, r, "asym")
     assert err(hi, lo) <= err()
 
 
 def test_clip_error_gram_form_equals_the_partial_dot_products():
     torch.manual_seed(1)
-    from awqfx.search import _partial_sq_err
+    from awqfx.search.clip import _partial_sq_err
 
     x, d = torch.randn(100, 40), torch.randn(6, 40)  # groups of 16: two full, one ragged of 8
     got = _partial_sq_err(block_grams(input_gram(x), 16), d)
@@ -161,9 +162,9 @@ def test_minmax_clip_shrinks_max_and_min_separately():
     ratios = [1.0, 0.9, 0.8, 0.7]
     r = clip_ratios(w, block_grams(input_gram(x), 16), spec, "minmax", ratios)
     assert r.shape == (4, 2, 2)
-    from awqfx.search import _group_minmax
+    from awqfx.search.clip import group_minmax
 
-    mx, mn = _group_minmax(w, 16)
+    mx, mn = group_minmax(w, 16)
 
     def err(row, grp, ra, rb):
         hi, lo = mx.clone(), mn.clone()
@@ -199,11 +200,11 @@ def test_ragged_groups_and_rtn_method():
 
 
 def test_single_linear_regions_use_the_gram_form_with_the_same_losses(monkeypatch):
-    import awqfx.search as S
+    from awqfx.search import scales as S
 
     _, _, obs, cfg = _observed("llama", search_dtype=None)  # the Gram form is float32 always
     fast = search(obs, cfg, progress=False)
-    monkeypatch.setattr(S, "_single_linear", lambda *a: None)
+    monkeypatch.setattr(S, "single_linear", lambda *a: None)
     slow = search(obs, cfg, progress=False)
     lone = 0
     for a, b in zip(fast.groups, slow.groups):
@@ -223,16 +224,16 @@ def test_bf16_autocast_search_keeps_awq_at_or_below_rtn():
 @pytest.mark.parametrize("propagate", ["fp", "quant"])
 def test_replay_memory_does_not_grow_with_depth(monkeypatch, propagate):
     """The loss-sample replay keeps about one block of activations, however deep the model."""
-    import awqfx.search as S
+    from awqfx.search import replay as R
 
     held: list[int] = []
-    real = S._Stream.sweep
+    real = R.Replay.sweep
 
     def sweep(self):
         real(self)
         held.append(len(self.computed))
 
-    monkeypatch.setattr(S._Stream, "sweep", sweep)
+    monkeypatch.setattr(R.Replay, "sweep", sweep)
     peaks = {}
     for layers in (2, 6):
         m = build("llama", num_hidden_layers=layers)
@@ -248,7 +249,7 @@ def test_replay_memory_does_not_grow_with_depth(monkeypatch, propagate):
 
 def test_search_warns_when_fewer_loss_samples_were_recorded(caplog):
     _, _, obs, _ = _observed("llama", loss_samples=2, n_grid=2)
-    with caplog.at_level("WARNING", logger="awqfx.search"):
+    with caplog.at_level("WARNING", logger="awqfx.search.replay"):
         search(obs, AWQConfig(bits=4, group_size=16, n_grid=2, loss_samples=4), progress=False)
     assert "loss_samples=4 asked for, 2 available" in caplog.text and "pass the larger value to prepare" in caplog.text
 
@@ -278,14 +279,14 @@ def test_joint_clip_refinement_lowers_the_whole_output_error(mode):
     """Each group's choice, refined against the linear's whole output, never raises ``d G d^T``;
     on correlated inputs (the off-diagonal blocks matter) it lowers it well below the per-group pick."""
     torch.manual_seed(3)
-    from awqfx.search import _group_minmax
+    from awqfx.search.clip import group_minmax
 
     spec = QuantSpec(3, 16, False)
     w = torch.randn(8, 40)
     x = torch.randn(500, 40) @ torch.randn(40, 40) * 0.3 + torch.randn(500, 40)
     ratios = [1.0 - i / 20 for i in range(10)]
     gram = input_gram(x)
-    mx, mn = _group_minmax(w, 16)
+    mx, mn = group_minmax(w, 16)
 
     def total(r):
         d = fake_quantize(w, spec, *clip_range(mx, mn, r, mode)) - w

@@ -7,7 +7,7 @@ Two observers:
   float64 (fp32 inputs), with a NaN/Inf check that names the node and the groups it serves.
 - :class:`SampleObserver` after every (non-parameter) graph input: the first ``loss_samples``
   sequences, kept as the model's own inputs (token ids). The search replays them through the
-  graph group by group (``awqfx.search``), so every loss-region input, every extra tensor a region
+  graph group by group (``awqfx.search.replay``), so every loss-region input, every extra tensor a region
   reads (rope cos/sin, masks, positions) and every clip-search input is recomputed exactly when it
   is needed and freed after: memory stays at one block's activations instead of all of them, and
   ``propagate="quant"`` sees quantized upstream weights without extra full passes.
@@ -20,7 +20,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-__all__ = ["MeanAbsObserver", "SampleObserver", "NonFiniteActivationError", "is_observer", "remove_observers"]
+from awqfx.graph import linear_table, param_name
+from awqfx.groups import ScaleGroup
+
+__all__ = ["MeanAbsObserver", "SampleObserver", "NonFiniteActivationError", "is_observer", "insert_observers",
+           "remove_observers"]
 
 
 class NonFiniteActivationError(FloatingPointError, ValueError):
@@ -104,23 +108,6 @@ class SampleObserver(nn.Module):
         return f"node={self.node!r}, rows={self.rows}/{self.max_rows}"
 
 
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``).
-
-    A forward over [8, 512] tokens leaves ~1 GB of freed-but-cached blocks in glibc's heap (its
-    mmap threshold grows with the first large frees); trimming between stages keeps the peak RSS of
-    the whole pass at the largest stage instead of their sum. A no-op where glibc is absent.
-    """
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def is_observer(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op != "call_module":
         return False
@@ -166,86 +153,28 @@ def remove_observers(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-# -- the observed graph ------------------------------------------------------------------------
-
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
-
-from awqfx.groups import Discovery, ScaleGroup  # noqa: E402
-
-
-@dataclass
-class ObservedGraph:
-    """What ``prepare`` returns: a private copy of the graph with observers, and what discovery found.
-
-    ``gm`` stays runnable (``input_ids -> logits``); calling it also feeds the observers, so a
-    user may calibrate with their own loop instead of :func:`awqfx.calibrate.calibrate`.
-    ``groups``: the groups the search will scale (at least one consumer is quantized).
-    ``linears``: every linear-like weight -> (its first linear node, that node's activation
-    input node, in_dim); ``data_of``: every linear-like node -> its activation input node.
-    """
-
-    gm: fx.GraphModule
-    discovery: Discovery
-    config: Any
-    groups: list[ScaleGroup]
-    linears: dict[str, tuple[str, str, int]]
-    data_of: dict[str, str]
-    mean_observers: dict[str, MeanAbsObserver] = field(default_factory=dict)
-    sample_observers: dict[str, SampleObserver] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    calibration: dict[str, Any] = field(default_factory=lambda: {"batches": 0, "sequences": 0, "tokens": 0})
-    _calib_gm: fx.GraphModule | None = None
-
-    def x_mean(self, node: str) -> torch.Tensor:
-        """Per-channel ``mean |x|`` of activation node ``node`` over all calibration tokens."""
-        return self.mean_observers[node].mean()
-
-    def loss_inputs(self) -> dict[str, Any]:
-        """The recorded loss sample: graph input name -> first ``loss_samples`` rows."""
-        return {name: obs.sample() for name, obs in self.sample_observers.items()}
-
-
-def linear_table(gm: fx.GraphModule) -> tuple[dict[str, tuple[str, str, int]], dict[str, str]]:
-    """``(weight -> (node, data node, in_dim), linear node -> data node)`` for every linear-like op."""
-    from passes.discover import linear_op
-
-    linears: dict[str, tuple[str, str, int]] = {}
-    data_of: dict[str, str] = {}
-    for n in gm.graph.nodes:
-        lin = linear_op(gm, n)
-        if lin is None:
-            continue
-        data_of[n.name] = lin.data.name
-        linears.setdefault(lin.weight.name, (n.name, lin.data.name, int(lin.in_dim)))
-    return linears, data_of
-
-
-def insert_observers(gm: fx.GraphModule, discovery: Discovery, config, groups: list[ScaleGroup]) -> ObservedGraph:
-    """Insert a :class:`MeanAbsObserver` after each consumer input of ``groups`` and a
-    :class:`SampleObserver` after each non-parameter graph input, in place."""
-    from awqfx.graph import param_name
-
-    linears, data_of = linear_table(gm)
+def insert_observers(gm: fx.GraphModule, groups: list[ScaleGroup],
+                     loss_samples: int = 0) -> tuple[dict[str, MeanAbsObserver], dict[str, SampleObserver]]:
+    """Insert a :class:`MeanAbsObserver` after each consumer input of ``groups`` and, when
+    ``loss_samples`` > 0, a :class:`SampleObserver` after each non-parameter graph input, in place.
+    Returns ``(mean observers by data node, sample observers by graph input)``."""
+    _, data_of = linear_table(gm)
     by_name = {n.name: n for n in gm.graph.nodes}
     serves: dict[str, list[str]] = {}
     for g in groups:
         for c in g.consumers:
-            data = data_of[c.node]
-            serves.setdefault(data, [])
-            if g.name not in serves[data]:
-                serves[data].append(g.name)
-    obs = ObservedGraph(gm, discovery, config, groups, linears, data_of)
+            names = serves.setdefault(data_of[c.node], [])
+            if g.name not in names:
+                names.append(g.name)
+    means: dict[str, MeanAbsObserver] = {}
+    samples: dict[str, SampleObserver] = {}
     for data, names in serves.items():
-        m = MeanAbsObserver(data, names)
-        insert_observer(gm, by_name[data], m, "awqfx_obs_mean")
-        obs.mean_observers[data] = m
-    if config.method == "awq":
+        means[data] = MeanAbsObserver(data, names)
+        insert_observer(gm, by_name[data], means[data], "awqfx_obs_mean")
+    if loss_samples > 0:
         for n in [n for n in gm.graph.nodes if n.op == "placeholder"]:
-            if param_name(gm, n) is not None:
-                continue
-            m = SampleObserver(n.name, config.loss_samples)
-            insert_observer(gm, n, m, "awqfx_obs_sample")
-            obs.sample_observers[n.name] = m
+            if param_name(gm, n) is None:
+                samples[n.name] = SampleObserver(n.name, loss_samples)
+                insert_observer(gm, n, samples[n.name], "awqfx_obs_sample")
     gm.recompile()
-    return obs
+    return means, samples

@@ -13,6 +13,17 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import awqfx
+from awqfx.app.assets import eval_text, load_model
+from awqfx.app.bench import format_bench, run_bench
+from awqfx.app.jobs import compare_methods, plot_results, quantize_model
+from awqfx.app.render import write_graph
+from awqfx.config import AWQConfig
+from awqfx.passes.discover import discover
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
@@ -38,9 +49,6 @@ def _model_kind(path: str | None) -> str:
 
 def _structure_only_model(path: str):
     """A model with the right graph but no weights (meta device): enough for discovery."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(cfg).eval()
@@ -50,8 +58,6 @@ def _load_for_inspect(path: str | None):
     kind = _model_kind(path)
     if kind == "dir":
         return _structure_only_model(path)
-    from awqfx.assets import load_model
-
     return load_model(path)[0]
 
 
@@ -64,9 +70,6 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import awqfx
-    from passes.discover import discover
-
     t0 = time.perf_counter()
     model = _load_for_inspect(args.model)
     gm = awqfx.capture(model)
@@ -90,8 +93,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if rrows:
             print(_table(rrows, ["producer", "kind", "blocked by", "at node", "channels", "reasons"]))
     if args.graph:
-        from awqfx.render import write_graph
-
         renderer = write_graph(gm, d, args.graph)
         print(f"graph written to {args.graph} ({renderer})", file=sys.stderr)
     return EXIT_OK
@@ -107,8 +108,6 @@ def _search_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _config_from_args(args: argparse.Namespace, **over):
-    from awqfx.config import AWQConfig
-
     kw = dict(bits=args.bits, group_size=args.group_size, device=getattr(args, "device", None),
               method=getattr(args, "method", "awq"), **_search_kwargs(args))
     kw.update(over)
@@ -120,15 +119,11 @@ def _config_from_args(args: argparse.Namespace, **over):
 
 def _check_device(device: str | None) -> None:
     if device and device.startswith("cuda"):
-        import torch
-
         if not torch.cuda.is_available():
             raise UsageError("--device cuda was asked for, but no CUDA device is available; use --device cpu")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from awqfx.workflow import quantize_model
-
     _model_kind(args.model)
     _check_device(args.device)
     if args.samples < 1 or args.seq_len < 2:
@@ -153,8 +148,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from awqfx.workflow import compare_methods, plot_results
-
     _model_kind(args.model)
     try:
         bits = sorted({int(b) for b in args.bits.split(",") if b.strip()})
@@ -169,8 +162,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.max_windows is not None and args.max_windows < 1:
         raise UsageError("--max-windows must be >= 1")
     if args.text is None:
-        from awqfx.assets import eval_text
-
         text = eval_text()
     elif not Path(args.text).is_file():
         raise UsageError(f"--text {args.text!r} is not a file")
@@ -195,8 +186,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from awqfx.bench import format_bench, run_bench
-
     _model_kind(args.model)
     _check_device(args.device)
     _config_from_args(args, method="rtn")
@@ -210,8 +199,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _quant_flags(p: argparse.ArgumentParser, group_size: int, multi_bits: bool = False) -> None:
-    from awqfx.config import AWQConfig
-
     d = AWQConfig()  # flag defaults are the library's (measured) defaults
     g = p.add_argument_group("quantization")
     if multi_bits:

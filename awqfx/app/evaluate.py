@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from .assets import text_windows
 
@@ -35,10 +37,6 @@ def extract_logits(out: Any) -> torch.Tensor:
 
 
 def _is_hf_model(model: Any) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
-        return False
     return isinstance(model, PreTrainedModel)
 
 
@@ -74,8 +72,6 @@ def perplexity(
     hf = _is_hf_model(model_or_callable)
     if isinstance(model_or_callable, torch.nn.Module) and model_or_callable.training:
         logger.warning("perplexity: the model is in training mode (dropout active); call .eval() first")
-
-    from tqdm.auto import tqdm
 
     total_nll = torch.zeros((), dtype=torch.float64)
     total_tokens = 0

@@ -13,10 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
 import torch
-import torch.nn as nn
 
+from awqfx.api import calibrate, convert, prepare, search
+from awqfx.app import assets
+from awqfx.app.evaluate import perplexity, windows_for_eval
+from awqfx.apply import apply_plan
+from awqfx.capture import capture
 from awqfx.config import AWQConfig
+from awqfx.export import save_quantized
 
 log = logging.getLogger(__name__)
 
@@ -73,26 +80,6 @@ def check_format(fmt: str, cfg: AWQConfig, in_features: dict[str, int], scale_no
                              f"not a multiple of {cfg.group_size}. Use a group size dividing {k}, or --format awqfx.")
 
 
-def pack_from_plan(model: nn.Module, plan, backend: str = "auto") -> nn.Module:
-    """Fold ``plan`` into a copy of ``model`` and swap its quantized linears for packed ``QuantLinear``s.
-
-    2-D weights are packed; 3-D MoE expert weights (no packed kernel) stay fake-quantized floats.
-    """
-    from awqfx.packed_model import pack_model
-    from awqfx.plan import apply_plan
-    from passes.quantize_linears import quantize_linears
-
-    folded = apply_plan(model, plan, inplace=False, quantize=False)
-    from passes.fold import get_param
-
-    two_d = {n: wp for n, wp in plan.weights.items() if get_param(folded, n).dim() == 2}
-    rest = {n: wp for n, wp in plan.weights.items() if n not in two_d}
-    if rest:
-        quantize_linears(folded, rest)
-    qweights = {n: plan.quantized_weight(folded, n) for n in two_d}
-    return pack_model(folded, qweights, in_dims={n: wp.in_dim for n, wp in two_d.items()}, backend=backend)
-
-
 def quantize_model(
     model_path: str | None,
     out_dir: str,
@@ -107,12 +94,6 @@ def quantize_model(
     progress: bool = True,
 ) -> Report:
     """Load, capture, calibrate, search, pack and save; returns the report for the summary."""
-    from awqfx import assets
-    from awqfx.api import calibrate, prepare, search
-    from awqfx.capture import capture
-    from awqfx.evaluate import perplexity, windows_for_eval
-    from awqfx.export import save_quantized
-
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
@@ -141,7 +122,7 @@ def quantize_model(
     rep.facts["quantized weights"] = f"{len(plan.weights)} ({cfg.bits}-bit, group {cfg.group_size}, " \
                                      f"{'symmetric' if cfg.symmetric else 'asymmetric'})"
     with rep.stage("pack"):
-        packed = pack_from_plan(model, plan)
+        packed = apply_plan(model, plan, weights="packed")
     with rep.stage("save"), tempfile.TemporaryDirectory() as tmp:
         plan.save(Path(tmp) / "plan")
         save_quantized(packed, out, fmt=fmt, tokenizer=tok, plan_dir=Path(tmp) / "plan", overwrite=overwrite)
@@ -177,11 +158,6 @@ def compare_methods(
     The model is captured and calibrated once; each bit width is a new search on the same
     statistics (they do not depend on the quantizer), so ``--bits 3,4`` costs one calibration.
     """
-    from awqfx import assets
-    from awqfx.api import calibrate, convert, prepare, search
-    from awqfx.capture import capture
-    from awqfx.evaluate import perplexity, windows_for_eval
-
     model, tok = assets.load_model(model_path)
     wins = windows_for_eval(tok, text, seq_len, max_windows=max_windows)
     gm = capture(model)
@@ -219,11 +195,7 @@ def compare_methods(
 
 def plot_results(result: dict[str, Any], path: str | Path) -> None:
     """Perplexity vs bits, one line per method (fp as a horizontal line)."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = result["rows"]
     for m in sorted({r["method"] for r in rows if r["method"] != "fp"}):

@@ -41,12 +41,16 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import datasets
 import torch
-
-if TYPE_CHECKING:  # pragma: no cover
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,11 +146,7 @@ def _drop_quantization(model) -> None:
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize ``gguf`` into a HF directory at ``target`` (written to a temp dir, then renamed)."""
     _offline()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
-        from transformers import GgufConfig
-
         extra = {"quantization_config": GgufConfig(dequantize=True)}
     except ImportError:  # older transformers: GGUF always dequantizes
         extra = {}
@@ -207,8 +207,6 @@ def load_model(
         )
 
     _offline()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -258,8 +256,6 @@ def _read_md_files(files: list[Path], use_datasets: bool = False) -> list[str]:
     if not use_datasets:
         return [f.read_text(encoding="utf-8") for f in files]
     _offline()
-    import datasets
-
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:

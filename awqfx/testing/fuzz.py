@@ -24,9 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import awqfx
-from awqfx.graph import fetch_attr
-from passes.discover import discover, linear_op
-from passes.fold import fold_scales, set_param
+from awqfx.graph import fetch_attr, linear_op
+from awqfx.params import set_param
+from awqfx.passes.discover import discover
+from awqfx.passes.fold import fold_scales
 
 HIDDEN = 16
 

@@ -16,6 +16,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from awqfx.api import prepare, search
+from awqfx.app import assets
+from awqfx.app.jobs import dir_size
+from awqfx.apply import apply_plan
+from awqfx.capture import capture
+from awqfx.config import AWQConfig
+from awqfx.export import save_quantized
+from awqfx.packed_model import fp_weight_bytes, packed_weight_bytes
+
 
 def resident_bytes(model: nn.Module) -> int:
     seen, total = set(), 0
@@ -28,9 +37,6 @@ def resident_bytes(model: nn.Module) -> int:
 
 
 def _disk_bytes(model: nn.Module, packed: bool) -> int:
-    from awqfx.export import save_quantized
-    from awqfx.workflow import dir_size
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "m"
         if packed:
@@ -59,12 +65,6 @@ def _speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int
 
 def run_bench(model_path: str | None, bits: int = 4, group_size: int = 64, prompt_len: int = 128,
               new_tokens: int = 32, repeats: int = 3, device: str = "cpu") -> dict[str, Any]:
-    from awqfx import assets
-    from awqfx.api import prepare, search
-    from awqfx.capture import capture
-    from awqfx.config import AWQConfig
-    from awqfx.workflow import pack_from_plan
-
     model, _ = assets.load_model(model_path)
     model = model.float().eval()
     cfg = AWQConfig(bits=bits, group_size=group_size, method="rtn")
@@ -73,7 +73,7 @@ def run_bench(model_path: str | None, bits: int = 4, group_size: int = 64, promp
     variants = {
         "fp32": model,
         "bf16": bf16,
-        f"int{bits} packed (bf16 rest)": pack_from_plan(bf16, plan),
+        f"int{bits} packed (bf16 rest)": apply_plan(bf16, plan, weights="packed"),
     }
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=gen)
@@ -81,8 +81,6 @@ def run_bench(model_path: str | None, bits: int = 4, group_size: int = 64, promp
     for name, m in variants.items():
         m = m.to(device)
         packed = "packed" in name
-        from awqfx.packed_model import fp_weight_bytes, packed_weight_bytes
-
         if packed:  # the quantized layers only: packed codes + scales + zeros vs the same layers in bf16
             lin_bytes = packed_weight_bytes(m, include_kernel_cache=False, include_unquantized=False)
             lin_ref = fp_weight_bytes(m, torch.bfloat16, include_unquantized=False)

@@ -1,0 +1,118 @@
+"""The one plan applier: ``apply_plan(target, plan, weights=...)`` for a GraphModule or a module tree.
+
+A plan (plain data keyed by parameter FQN, :mod:`awqfx.plan`) applies the same way to both:
+
+- **GraphModule** (a capture of the model): the scales are folded by the ``fold_scales`` pass
+  (activation scales become ``mul`` nodes before their consumers, ``insert_input_scales``), then
+  the weights are fake-quantized (``quantize_linears``) or packed (``pack_linears``: each
+  planned 2-D linear becomes a ``QuantLinear`` call).
+- **nn.Module tree** with the same parameter names: the scales are folded into the parameters,
+  activation scales become :class:`InputScale` forward pre-hooks on the consumers, then the
+  weights are fake-quantized or the linears swapped for packed ``QuantLinear`` modules.
+
+``weights``: ``"fake"`` (quantize -> dequantize, float weights), ``"packed"`` (integer codes and
+the int4 kernels) or ``"float"`` (fold only: e.g. to read integers with
+:meth:`AWQPlan.quantized_weight`). 3-D MoE expert weights have no packed kernel and stay
+fake-quantized floats under ``"packed"``.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from awqfx.packed_model import pack_model
+from awqfx.params import fold_parameters, full_scale, get_param, has_param
+from awqfx.passes.fold import fold_scales
+from awqfx.passes.observers import remove_observers
+from awqfx.passes.pack_linears import pack_linears
+from awqfx.passes.quantize_linears import quantize_linears
+from awqfx.plan import AWQPlan
+
+__all__ = ["apply_plan", "InputScale", "deepcopy_module", "WEIGHT_MODES"]
+
+WEIGHT_MODES = ("fake", "packed", "float")
+
+
+class InputScale:
+    """Forward pre-hook: multiply the module's first input by a per-channel factor on its last dim
+    (an activation group's ``1/s``, from :attr:`AWQPlan.input_scales`)."""
+
+    def __init__(self, factor: torch.Tensor, weight: str):
+        self.factor = factor
+        self.weight = weight
+
+    def __call__(self, module, args):
+        x = args[0]
+        if x.shape[-1] != self.factor.numel():
+            raise RuntimeError(f"awqfx input scale of {self.weight}: input has {x.shape[-1]} channels, "
+                               f"expected {self.factor.numel()}")
+        return (x * self.factor.to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
+
+
+def _add_input_scales(model: nn.Module, scales: dict[str, torch.Tensor]) -> None:
+    for weight, factor in scales.items():
+        owner = weight.rpartition(".")[0]
+        try:
+            mod = model.get_submodule(owner)
+        except AttributeError as e:
+            raise ValueError(f"the plan's input scale of {weight} has no module {owner!r} in this model") from e
+        mod.register_forward_pre_hook(InputScale(factor, weight))
+
+
+def deepcopy_module(module: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` without torch's pytree-spec FutureWarning (export graphs carry a LeafSpec)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(module)
+
+
+def _check_names(target: nn.Module, plan: AWQPlan) -> None:
+    names = list(plan.weights) + [w for gp in plan.groups
+                                  for w in [gp.group.producer.weight, *[c.weight for c in gp.group.consumers]]]
+    missing = sorted({w for w in names if w is not None and not has_param(target, w)})
+    if missing:
+        raise ValueError(f"the plan names parameters this module does not have: {missing[:5]}")
+
+
+def _fold_module_tree(model: nn.Module, plan: AWQPlan) -> None:
+    for gp in plan.groups:
+        fold_parameters(model, gp.group, full_scale(gp.group, gp.scale).to(torch.float64))
+    _add_input_scales(model, plan.input_scales)
+
+
+def apply_plan(target: nn.Module, plan: AWQPlan, weights: str = "fake", inplace: bool = False,
+               backend: str = "auto") -> nn.Module:
+    """Apply ``plan`` to a GraphModule (a fresh capture) or to the model's ``nn.Module`` tree.
+
+    Works on a deep copy unless ``inplace=True``; returns the rewritten module. Refuses a plan
+    that names parameters the target does not have, or input scales it cannot attach.
+    ``backend`` picks the packed kernels (``"auto"``, ``"int4pack"``, ``"dequant"``: see
+    :class:`awqfx.modules.QuantLinear`).
+    """
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights must be one of {', '.join(map(repr, WEIGHT_MODES))}, got {weights!r}")
+    _check_names(target, plan)
+    out = target if inplace else deepcopy_module(target)
+    graph = isinstance(out, fx.GraphModule)
+    if graph:
+        remove_observers(out)
+        fold_scales(out, [gp.group for gp in plan.groups], [gp.scale for gp in plan.groups])
+    else:
+        _fold_module_tree(out, plan)
+    if weights == "fake":
+        quantize_linears(out, plan.weights)
+    elif weights == "packed":
+        flat = {n: wp for n, wp in plan.weights.items() if get_param(out, n).dim() == 2}
+        quantize_linears(out, {n: wp for n, wp in plan.weights.items() if n not in flat})  # MoE experts
+        if graph:
+            pack_linears(out, plan, backend=backend)
+        else:
+            qweights = {n: plan.quantized_weight(out, n) for n in flat}
+            pack_model(out, qweights, in_dims={n: wp.in_dim for n, wp in flat.items()}, backend=backend)
+    if graph:
+        out.recompile()
+    return out

@@ -1,0 +1,45 @@
+"""What ``prepare`` returns: the observed private copy of the graph and what discovery found."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from awqfx.groups import Discovery, ScaleGroup
+from awqfx.passes.observers import MeanAbsObserver, SampleObserver
+
+__all__ = ["ObservedGraph"]
+
+
+@dataclass
+class ObservedGraph:
+    """What ``prepare`` returns: a private copy of the graph with observers, and what discovery found.
+
+    ``gm`` stays runnable (``input_ids -> logits``); calling it also feeds the observers, so a
+    user may calibrate with their own loop instead of :func:`awqfx.calibrate`.
+    ``groups``: the groups the search will scale (at least one consumer is quantized).
+    ``linears``: every linear-like weight -> (its first linear node, that node's activation
+    input node, in_dim); ``data_of``: every linear-like node -> its activation input node.
+    """
+
+    gm: fx.GraphModule
+    discovery: Discovery
+    config: Any
+    groups: list[ScaleGroup]
+    linears: dict[str, tuple[str, str, int]]
+    data_of: dict[str, str]
+    mean_observers: dict[str, MeanAbsObserver] = field(default_factory=dict)
+    sample_observers: dict[str, SampleObserver] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=lambda: {"batches": 0, "sequences": 0, "tokens": 0})
+    _calib_gm: fx.GraphModule | None = None
+
+    def x_mean(self, node: str) -> torch.Tensor:
+        """Per-channel ``mean |x|`` of activation node ``node`` over all calibration tokens."""
+        return self.mean_observers[node].mean()
+
+    def loss_inputs(self) -> dict[str, Any]:
+        """The recorded loss sample: graph input name -> first ``loss_samples`` rows."""
+        return {name: obs.sample() for name, obs in self.sample_observers.items()}

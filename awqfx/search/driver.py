@@ -1,0 +1,206 @@
+"""The AWQ search driver: per-group scales on region losses, then per-(row, group) clip ranges.
+
+One loop over the scheduled tasks (:mod:`awqfx.search.schedule`) on a private working copy of
+the graph: a scale task searches one group's scale (:mod:`awqfx.search.scales`) and folds the
+best into the working copy; a weight task searches a weight's clip ranges
+(:mod:`awqfx.search.clip`) and, with ``propagate="quant"``, quantizes it there. The loss sample
+is replayed through the working copy on demand (:mod:`awqfx.search.replay`). The result is an
+:class:`~awqfx.plan.AWQPlan`; neither the observed graph nor the caller's model is modified.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+import awqfx
+from awqfx.config import AWQConfig
+from awqfx.graph import fetch_attr, float_dtype, linear_op, shallow_copy
+from awqfx.groups import ScaleGroup
+from awqfx.memory import release_memory
+from awqfx.observed import ObservedGraph
+from awqfx.params import fake_quantize_param, get_param, move_to, rows_view, set_param
+from awqfx.passes.dtype_asserts import drop_dtype_asserts
+from awqfx.passes.fold import fold_scales
+from awqfx.passes.input_scales import insert_input_scales
+from awqfx.passes.observers import remove_observers
+from awqfx.passes.region import extract_region
+from awqfx.plan import AWQPlan, GroupPlan, WeightPlan
+from awqfx.search.clip import absolute_clip, search_clip
+from awqfx.search.replay import Replay, chunk_sample, loss_sample
+from awqfx.search.scales import search_group
+from awqfx.search.schedule import schedule_tasks
+
+__all__ = ["search", "rtn_plan", "group_losses", "gap_recovered"]
+
+
+def weight_plans(observed: ObservedGraph, cfg: AWQConfig) -> dict[str, WeightPlan]:
+    """A :class:`WeightPlan` (spec, input dim) for every quantizable weight, validated against its shape."""
+    spec = cfg.spec
+    out = {}
+    for w in observed.discovery.quantizable:
+        if w not in observed.linears:
+            continue
+        in_dim = observed.linears[w][2]
+        spec.validate(get_param(observed.gm, w).shape[in_dim])
+        out[w] = WeightPlan(spec, in_dim)
+    return out
+
+
+def rtn_plan(observed: ObservedGraph, cfg: AWQConfig | None = None) -> AWQPlan:
+    """Round-to-nearest: every quantizable weight with the spec, no scales, no clip."""
+    cfg = cfg or observed.config
+    return AWQPlan([], weight_plans(observed, cfg), cfg.to_dict(),
+                   {"awqfx_version": awqfx.__version__, "method": "rtn", "timings": dict(observed.timings)})
+
+
+def _working_copy(observed: ObservedGraph, groups: list[ScaleGroup], device) -> tuple[fx.GraphModule, dict[str, str]]:
+    """The search's private graph: no observers, no dtype asserts (they fail under autocast), on
+    ``device``, with a unit input scale before every consumer of an activation group (folding
+    then only replaces buffers: the replayed graph never changes shape)."""
+    work = shallow_copy(observed.gm)
+    remove_observers(work)
+    drop_dtype_asserts(work)
+    move_to(work, device)
+    ones = {c.weight: torch.ones(c.columns.numel()) for g in groups if g.producer.kind == "activation"
+            for c in g.consumers}
+    return work, insert_input_scales(work, ones) if ones else {}
+
+
+def _changed_by_fold(g: ScaleGroup, input_attrs: dict[str, str]) -> set[str]:
+    names = {c.weight for c in g.consumers} | {p for p in (g.producer.weight, g.producer.bias) if p}
+    if g.producer.kind == "activation":
+        names |= {input_attrs[c.weight] for c in g.consumers}
+    return names
+
+
+def _check_calibrated(observed: ObservedGraph) -> None:
+    empty = [n for n, o in observed.mean_observers.items() if o.count == 0]
+    if empty or (observed.sample_observers and all(o.rows == 0 and o.value is None for o in observed.sample_observers.values())):
+        raise RuntimeError("the observed graph has no calibration statistics: run awqfx.api.calibrate(observed, calib) "
+                           "before search" + (f" (no data at {empty[:3]})" if empty else ""))
+
+
+def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: bool = True) -> AWQPlan:
+    """Find the AWQ scales and clip ranges for a calibrated :class:`ObservedGraph`; returns the plan.
+
+    ``config`` defaults to the one given to ``prepare``; a different one may be passed to try
+    another search on the same calibration (quantizer, grid, forms, clip, propagation).
+    Neither the observed graph nor the caller's model is modified.
+    """
+    cfg = config or observed.config
+    if cfg.method == "rtn":
+        return rtn_plan(observed, cfg)
+    _check_calibrated(observed)
+    t_start = time.perf_counter()
+    spec = cfg.spec
+    weights = weight_plans(observed, cfg)
+    groups = [g for g in observed.groups if any(c.quantize and c.weight in weights for c in g.consumers)]
+    device = torch.device(cfg.device) if cfg.device else next(iter(observed.gm.parameters())).device
+    work, input_attrs = _working_copy(observed, groups, device)
+    by_name = {n.name: n for n in work.graph.nodes}
+    lin_node = {w: by_name[observed.linears[w][0]] for w in weights}
+    data_node = {w: linear_op(work, n).data for w, n in lin_node.items()}  # after the input scales
+
+    qk = set(observed.discovery.attention_qk) if cfg.clip_skip_qk else set()
+    clip_set = set() if cfg.clip == "none" else {
+        w for w in weights if w not in qk and get_param(work, w).dim() == 2}
+    quant_mode = cfg.propagate == "quant"
+    task_weights = {w: lin_node[w] for w in weights if w in clip_set or quant_mode}
+    regions = {gi: extract_region(work, g) for gi, g in enumerate(groups)}
+    requires = {("scale", gi): list(r.env_nodes) for gi, r in regions.items()}
+    requires.update({("weight", w): [data_node[w]] for w in task_weights if w in clip_set})
+    changes = {("scale", gi): _changed_by_fold(g, input_attrs) for gi, g in enumerate(groups)}
+    if quant_mode:
+        changes.update({("weight", w): {w} for w in task_weights})
+    sched = schedule_tasks(work, groups, task_weights, requires, changes)
+
+    sample = loss_sample(observed, cfg.loss_samples)
+    stream = Replay(work, chunk_sample(sample, cfg.batch_size, device), sched.needed_until, sched.last_change,
+                    sched.last_use)
+    scale_of: dict[int, torch.Tensor] = {}
+    infos: dict[int, dict] = {}
+    ratio_of: dict[str, torch.Tensor] = {}
+    clip_tokens: dict[str, int] = {}
+    t_scale = t_clip = 0.0
+    bar = tqdm(sched.tasks, desc="awq search", unit="task", disable=not progress)
+    with torch.no_grad(), cfg.autocast("search", device, float_dtype(work)):
+        for ti, (kind, what) in enumerate(bar):
+            t0 = time.perf_counter()
+            if kind == "scale":
+                g, reg = groups[what], regions[what]
+                stream.pinned = set(reg.env_nodes)
+                stream.ensure(reg.env_nodes)
+                params = {t: fetch_attr(work, t) for t in reg.attrs}
+                scale_of[what], infos[what] = search_group(observed, work, reg, g, params, stream.envs, cfg, device)
+                if infos[what]["choice"] != "identity":
+                    fold_scales(work, [g], [scale_of[what]])
+                    stream.invalidate(_changed_by_fold(g, input_attrs))
+                t_scale += time.perf_counter() - t0
+            else:
+                w, in_dim = what, weights[what].in_dim
+                if w in clip_set:
+                    stream.pinned = {data_node[w]}
+                    xs = [v.reshape(-1, v.shape[-1]) for v in stream.values(data_node[w])]
+                    x = torch.cat(xs, 0) if len(xs) > 1 else xs[0]
+                    x = x[:: max(1, x.shape[0] // cfg.clip_tokens)][: cfg.clip_tokens]
+                    wr = rows_view(get_param(work, w).detach(), in_dim).float()
+                    ratio_of[w] = search_clip(wr, x, spec, cfg.clip, cfg.shrink_ratios(), cfg.clip_rounds).cpu()
+                    clip_tokens[w] = x.shape[0]
+                    del x, xs
+                if quant_mode:
+                    cur = get_param(work, w)
+                    hi, lo = absolute_clip(cur, in_dim, spec, ratio_of[w], cfg.clip) if w in ratio_of else (None, None)
+                    set_param(work, w, fake_quantize_param(cur, in_dim, spec, hi, lo))
+                    stream.invalidate({w})
+                t_clip += time.perf_counter() - t0
+            stream.done = ti
+            stream.pinned = set()
+            stream.sweep()
+    bar.close()
+
+    # Final folded float weights: the absolute clip ranges are taken on them.
+    if quant_mode:  # the working copy holds quantized weights: fold a fresh copy
+        final = shallow_copy(observed.gm)
+        remove_observers(final)
+        fold_scales(final, [groups[gi] for gi in sorted(scale_of)], [scale_of[gi] for gi in sorted(scale_of)])
+    else:  # the working copy holds exactly the folded float weights (same fold math, same order)
+        final = work
+    for w, r in ratio_of.items():
+        wp = weights[w]
+        wp.max_val, wp.min_val = absolute_clip(get_param(final, w), wp.in_dim, spec, r, cfg.clip)
+        wp.info = {"clip": cfg.clip, "mean_ratio": float(r.mean()), "clip_tokens": clip_tokens[w],
+                   "clip_rounds": cfg.clip_rounds}
+    replay_s, replayed = stream.seconds, stream.nodes_run
+    del stream, regions, work, final
+    release_memory()
+    timings = dict(observed.timings)
+    timings.update({"search_s": time.perf_counter() - t_start, "search_scale_s": t_scale, "search_clip_s": t_clip,
+                    "search_replay_s": replay_s})
+    meta = {
+        "awqfx_version": awqfx.__version__,
+        "torch_version": torch.__version__,
+        "method": "awq",
+        "timings": timings,
+        "calibration": dict(observed.calibration),
+        "loss_sample": {k: list(v.shape) for k, v in sample.items() if isinstance(v, torch.Tensor)},
+        "region_evaluations": sum(len(i["losses"]) for i in infos.values()),
+        "replayed_nodes": replayed,
+        "device": str(device),
+        "groups_skipped": [g.name for g in observed.groups if g not in groups],
+    }
+    plan_groups = [GroupPlan(groups[gi], scale_of[gi].float().cpu(), infos[gi]) for gi in sorted(scale_of)]
+    return AWQPlan(plan_groups, weights, cfg.to_dict(), meta)
+
+
+def group_losses(plan: AWQPlan) -> list[tuple[str, float, float]]:
+    """``[(group, awq loss, rtn loss)]`` as recorded by the search."""
+    return [(g.name, float(g.info["loss"]), float(g.info["loss_identity"])) for g in plan.groups]
+
+
+def gap_recovered(fp: float, rtn: float, awq: float) -> float:
+    """Share of RTN's perplexity gap to fp that AWQ recovers: ``(rtn - awq) / (rtn - fp)``."""
+    return (rtn - awq) / (rtn - fp) if rtn != fp else math.nan

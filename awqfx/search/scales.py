@@ -1,0 +1,178 @@
+"""The scale search of one group: statistics, candidate scales and their region losses.
+
+Per group (graph order)
+    ``x_mean`` per producer channel comes from the consumers' input observers (all calibration
+    tokens); ``w_mean`` (form ``duo``) is ``|W|`` normalised by its quant group's max, averaged
+    over the rows of every quantized consumer. For ``alpha`` in ``{0, 1/n, ..., (n-1)/n}``:
+    ``s = x_mean^alpha`` (or ``/ w_mean^(1-alpha)``), clamped at 1e-4 and normalised by
+    ``sqrt(max * min)``; ``s = 1`` (plain RTN) is always evaluated and, with
+    ``include_identity``, is a candidate. Each candidate sets every quantized consumer weight to
+    ``Q(W diag(s)) diag(s)^-1`` and runs the group's *loss region* -- a standalone GraphModule cut
+    from the captured graph between ``region_inputs`` and ``region_output`` whose other inputs
+    (rope cos/sin, masks, sizes) and parameters are placeholders -- on the loss sample; the loss
+    is the MSE to the region's output with the current float weights (computed once). The best
+    scales are folded into the working copy (``fold_scales``) before the next group.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from awqfx.config import AWQConfig
+from awqfx.graph import linear_op
+from awqfx.groups import ScaleGroup
+from awqfx.observed import ObservedGraph
+from awqfx.params import along, column_scale, fake_quantize_param, get_param, rows_view
+from awqfx.passes.region import Region
+from awqfx.quant import QuantSpec, group_bounds
+
+__all__ = ["search_group", "candidates", "channel_x_mean", "channel_w_mean", "candidate_weight"]
+
+
+def channel_x_mean(observed: ObservedGraph, g: ScaleGroup) -> torch.Tensor:
+    C = g.producer.num_channels
+    num = torch.zeros(C, dtype=torch.float64)
+    den = torch.zeros(C, dtype=torch.float64)
+    for c in g.consumers:
+        m = observed.x_mean(observed.data_of[c.node]).double()
+        cols = c.columns
+        if m.numel() != cols.numel():
+            raise RuntimeError(f"group {g.name}: consumer {c.weight} reads {cols.numel()} columns but its input "
+                               f"{observed.data_of[c.node]} has {m.numel()} channels")
+        ok = cols >= 0
+        num.index_add_(0, cols[ok], m[ok])
+        den.index_add_(0, cols[ok], torch.ones(int(ok.sum()), dtype=torch.float64))
+    return (num / den.clamp(min=1)).float()
+
+
+def channel_w_mean(work: fx.GraphModule, g: ScaleGroup, spec: QuantSpec) -> torch.Tensor:
+    C = g.producer.num_channels
+    num = torch.zeros(C, dtype=torch.float64)
+    den = torch.zeros(C, dtype=torch.float64)
+    cons = [c for c in g.consumers if c.quantize] or g.consumers
+    for c in cons:
+        w = rows_view(get_param(work, c.weight).detach(), c.in_dim).float().cpu()
+        w = w.reshape(-1, w.shape[-1]).abs()
+        gs = spec.effective_group_size(w.shape[-1])
+        parts = [blk / (blk.amax(dim=-1, keepdim=True) + 1e-6) for blk in (w[:, a:b] for a, b in group_bounds(w.shape[-1], gs))]
+        col = torch.cat(parts, dim=1).sum(0, dtype=torch.float64)  # [in]
+        rows = w.shape[0]
+        ok = c.columns >= 0
+        num.index_add_(0, c.columns[ok], col[ok])
+        den.index_add_(0, c.columns[ok], torch.full((int(ok.sum()),), float(rows), dtype=torch.float64))
+    return (num / den.clamp(min=1)).float()
+
+
+def candidates(cfg: AWQConfig, g: ScaleGroup, x_mean: torch.Tensor, w_mean: torch.Tensor | None):
+    """``[(label, form, alpha, full scale float32)]``; the identity first."""
+    C = g.producer.num_channels
+    ch = g.channels
+    x = x_mean[ch]
+    forms = ["x", "duo"] if cfg.scale_form == "both" else [cfg.scale_form]
+    out = [("identity", "identity", None, torch.ones(C))]
+    for form in forms:
+        for i in range(cfg.n_grid):
+            a = i / cfg.n_grid
+            if form == "x":
+                if i == 0:
+                    continue  # x_mean^0 = 1: the identity
+                s = x.pow(a).clamp(min=1e-4)
+            else:
+                s = (x.pow(a) / (w_mean[ch].pow(1 - a) + 1e-4)).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            full = torch.ones(C)
+            full[ch] = s
+            out.append((f"{form} a={a:.2f}", form, a, full))
+    return out
+
+
+def candidate_weight(w: torch.Tensor, c, s_full: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    cs = along(column_scale(c.columns, s_full).to(device=w.device, dtype=torch.float32), c.in_dim, w.dim())
+    wf = w.float()
+    return (fake_quantize_param(wf * cs, c.in_dim, spec) / cs).to(w.dtype)
+
+
+def single_linear(work: fx.GraphModule, reg: Region, g: ScaleGroup):
+    """``(consumer, input node)`` when the loss region is exactly one 2-D linear of a quantized
+    consumer applied to the region's only input (v->o, up->down): its loss then has a closed form
+    in the input Gram matrix, ~3-7x cheaper per candidate than running the linear."""
+    if reg.size != 1 or len(reg.env_nodes) != 1:
+        return None
+    out = next(n for n in reg.gm.graph.nodes if n.op == "output").args[0]
+    if not isinstance(out, fx.Node) or out.op == "placeholder":
+        return None
+    by_name = {n.name: n for n in work.graph.nodes}
+    node = by_name.get(out.name)
+    lin = linear_op(work, node) if node is not None else None
+    if lin is None or lin.data is not reg.env_nodes[0] or lin.weight.node.op != "get_attr":
+        return None
+    cons = [c for c in g.consumers if c.node == node.name and c.quantize]
+    if len(cons) != 1 or len(lin.weight.perm) != 2 or get_param(work, cons[0].weight).dim() != 2:
+        return None
+    return cons[0], lin.data
+
+
+def region_outputs(x) -> list[torch.Tensor]:
+    """The float tensors of a region output (a tensor, or a list/tuple of them, e.g. a ``chunk``)."""
+    if isinstance(x, torch.Tensor):
+        return [x] if x.is_floating_point() else []
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in region_outputs(v)]
+    return []
+
+
+def _losses(reg: Region, g: ScaleGroup, params: dict, envs: list[dict], cands, spec: QuantSpec, device) -> list[float]:
+    """Each candidate's MSE of the region output against the current float weights'."""
+    feeds = [[env[n] for n in reg.env_nodes] for env in envs]
+    ref = [region_outputs(reg.gm(*f, *[params[t] for t in reg.attrs])) for f in feeds]
+    numel = sum(t.numel() for r in ref for t in r)
+    losses = []
+    for _label, _form, _alpha, s_full in cands:
+        p = dict(params)
+        for c in g.consumers:
+            if c.quantize and c.weight in p:
+                p[c.weight] = candidate_weight(params[c.weight], c, s_full.to(device), spec)
+        err = 0.0
+        for f, r in zip(feeds, ref):
+            for o, rr in zip(region_outputs(reg.gm(*f, *[p[t] for t in reg.attrs])), r):
+                err += float((o.float() - rr.float()).pow(2).sum(dtype=torch.float64))
+        losses.append(err / max(1, numel))
+    return losses
+
+
+def _gram_losses(c, data: fx.Node, params: dict, envs: list[dict], cands, spec: QuantSpec, device) -> list[float]:
+    """The same losses for a region that is one linear: ``trace(D G D^T) / (T out)``, in float32."""
+    with torch.autocast(device.type, enabled=False):
+        xs = [env[data].reshape(-1, env[data].shape[-1]).float() for env in envs]
+        gram = sum(x.t() @ x for x in xs)
+        n_tok = sum(x.shape[0] for x in xs)
+        w0 = rows_view(params[c.weight], c.in_dim).float()
+        losses = []
+        for _label, _form, _alpha, s_full in cands:
+            d = rows_view(candidate_weight(params[c.weight], c, s_full.to(device), spec), c.in_dim).float() - w0
+            losses.append(float(((d @ gram) * d).sum(dtype=torch.float64)) / (n_tok * w0.shape[0]))
+    return losses
+
+
+def search_group(observed: ObservedGraph, work: fx.GraphModule, reg: Region, g: ScaleGroup, params: dict,
+                 envs: list[dict], cfg: AWQConfig, device) -> tuple[torch.Tensor, dict]:
+    """The best full scale of group ``g`` on the loss sample (``envs``: the replay's values of the
+    region inputs) and what was tried: ``(scale, info)``."""
+    spec = cfg.spec
+    x_mean = channel_x_mean(observed, g)
+    w_mean = channel_w_mean(work, g, spec) if cfg.scale_form in ("duo", "both") else None
+    cands = candidates(cfg, g, x_mean, w_mean)
+    lone = single_linear(work, reg, g)
+    if lone is not None:
+        losses = _gram_losses(lone[0], lone[1], params, envs, cands, spec, device)
+    else:
+        losses = _losses(reg, g, params, envs, cands, spec, device)
+    # s = 1 is always evaluated (the RTN loss); it competes when asked to, and in form "x",
+    # whose grid point alpha = 0 it is.
+    id_ok = cfg.include_identity or cfg.scale_form in ("x", "both")
+    allowed = [i for i, (lab, *_rest) in enumerate(cands) if id_ok or lab != "identity"]
+    best = min(allowed, key=lambda i: (losses[i], i))
+    label, form, alpha, s_best = cands[best]
+    info = {"choice": label, "form": form, "alpha": alpha, "loss": losses[best], "loss_identity": losses[0],
+            "losses": losses, "candidates": [c[0] for c in cands], "region_nodes": reg.size}
+    return s_best, info
