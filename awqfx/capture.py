@@ -1,6 +1,6 @@
 """Capture a model into an FX GraphModule that discovery can read.
 
-The front-end is ``torch.export`` in non-strict mode (DESIGN.md §2): it works on every
+The front-end is ``torch.export`` in non-strict mode (docs/design.md, "Capture"): it works on every
 transformers v5 causal LM we measured, keeps weights as ``get_attr`` nodes named by their real
 parameter FQN, and records example values on every node. ``use_cache=False`` because a
 DynamicCache is not a pytree; no ``run_decompositions`` because it turns linear into permute+mm.
@@ -68,7 +68,7 @@ class _LogitsForward(nn.Module):
 
 
 def _drop_guards(gm: fx.GraphModule) -> fx.GraphModule:
-    """Remove the export guard call so the module pickles and re-traces (DESIGN.md §2)."""
+    """Remove the export guard call so the module pickles and re-traces (docs/design.md, "Capture")."""
     for n in list(gm.graph.nodes):
         if n.op == "call_module" and "guards" in str(n.target) and not n.users:
             gm.graph.erase_node(n)

@@ -29,7 +29,7 @@ class AWQConfig:
     Quantizer
         bits (2..8), group_size (>0, or -1 for one group per output row; a ragged last group is
         fine), symmetric (False: integer zero point, the AWQ default).
-    Scale search (DESIGN §4)
+    Scale search (docs/design.md, "The search")
         n_grid: ratios alpha = 0, 1/n, ..., (n-1)/n. scale_form: ``"x"`` (s = x_mean^alpha),
         ``"duo"`` (s = x_mean^alpha / w_mean^(1-alpha), AutoAWQ's default) or ``"both"`` (both
         grids, best loss wins). ``"x"`` (the paper's form) is the default: on SmolLM2 it recovers

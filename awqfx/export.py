@@ -319,13 +319,13 @@ INPUT_SCALE = "awqfx_input_scale"
 def input_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{module prefix: 1/s per input column}`` of modules whose input is scaled by a pre-hook
     (the module-tree form of an activation group's inserted scale node)."""
-    from awqfx.plan import _InputScale
+    from awqfx.apply import InputScale
 
     out = {}
     for name, m in model.named_modules():
         for h in m._forward_pre_hooks.values():
-            if isinstance(h, _InputScale):
-                out[name] = h.inv_cols
+            if isinstance(h, InputScale):
+                out[name] = h.factor
     return out
 
 
@@ -679,11 +679,11 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
 
         state = {k: f.tensor(k) for k in file_meta}
 
-    from awqfx.plan import _InputScale
+    from awqfx.apply import InputScale
 
     for prefix in qcfg.get("input_scales", []):
         inv = state.pop(f"{prefix}.{INPUT_SCALE}")
-        model.get_submodule(prefix).register_forward_pre_hook(_InputScale(inv, prefix))
+        model.get_submodule(prefix).register_forward_pre_hook(InputScale(inv, prefix + ".weight"))
     model.load_state_dict(state, strict=False, assign=True)
     _retie(model, groups, set(file_meta))
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]

@@ -1,6 +1,6 @@
 """Discovery: find every AWQ scale group by reading the graph.
 
-The rule (DESIGN.md §3): a *producer* whose output channels can be rescaled -- a norm's weight
+The rule (docs/design.md, "The rule"): a *producer* whose output channels can be rescaled -- a norm's weight
 vector, a linear's output rows, or an activation after which a ``mul`` can be inserted -- reaches,
 through channel-preserving ops only, consumers that are all linear-like ops. Any other use of a
 channel (a residual add, rope, softmax, the graph output) blocks that channel.
@@ -180,7 +180,7 @@ def _is_head(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _region(gm: fx.GraphModule, group_input: fx.Node, consumers: list[LinearOp], order) -> tuple[list[str], str]:
-    """The subgraph whose output the AWQ loss compares (DESIGN §4).
+    """The subgraph whose output the AWQ loss compares (docs/design.md, "The search").
 
     Its output is the first node all consumers reach, extended through data movement and
     further linear ops until anything else (a residual add, a norm) begins: the attention block
