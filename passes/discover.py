@@ -16,12 +16,12 @@ never scaled), so it may still gate other channels.
 """
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from awqfx.passes.channels import ChannelPropagator
 
 from awqfx.graph import (
     ACTIVATIONS,
@@ -41,6 +41,7 @@ from awqfx.graph import (
     shape_of,
 )
 from awqfx.groups import Consumer, Discovery, Producer, Rejection, ScaleGroup
+from awqfx.passes.channels import ChannelPropagator
 
 __all__ = ["discover", "DiscoveryError", "normalize_modules"]
 
@@ -179,42 +180,84 @@ def _is_head(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
+def _first_common_descendant(nodes: list[fx.Node], order: dict[fx.Node, int]) -> fx.Node | None:
+    """The earliest node (graph order) that every one of ``nodes`` reaches, the graph output
+    excluded; None when they never meet before it. Walks users in graph order, so a node's set
+    of reaching starts is complete when it is visited."""
+    full = (1 << len(nodes)) - 1
+    reached: dict[fx.Node, int] = defaultdict(int)
+    heap: list[tuple[int, str]] = []
+    by_name: dict[str, fx.Node] = {}
+
+    def push_users(n: fx.Node, mask: int) -> None:
+        for u in n.users:
+            if u not in reached:
+                by_name[u.name] = u
+                heapq.heappush(heap, (order[u], u.name))
+            reached[u] |= mask
+
+    for i, n in enumerate(nodes):
+        push_users(n, 1 << i)
+    while heap:
+        _, name = heapq.heappop(heap)
+        node = by_name[name]
+        if node.op == "output":
+            return None
+        if reached[node] == full:
+            return node
+        push_users(node, reached[node])
+    return None
+
+
+def _split_parts(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node] | None:
+    """The pieces ``node``'s output is cut into when every use is data movement (the q/k/v slices
+    of a fused projection; a split/chunk counts by its items); None otherwise."""
+    users = [u for u in node.users if op_name(gm, u) not in METADATA]
+    if not users or any(op_name(gm, u) not in DATA_MOVEMENT for u in users):
+        return None
+    parts: list[fx.Node] = []
+    for u in users:
+        if isinstance(example_value(u), torch.Tensor):
+            parts.append(u)
+        else:  # a tuple (split, chunk): its items are the parts
+            parts += [i for i in u.users if op_name(gm, i) not in METADATA]
+    return parts
+
+
+def _extend_region_end(gm: fx.GraphModule, end: fx.Node, order: dict[fx.Node, int]) -> fx.Node:
+    """Follow ``end`` through data movement and further linear ops; where its output is split into
+    parts (a fused q/k/v or gate/up projection), continue from the first node all parts reach."""
+    while True:
+        users = [u for u in end.users if op_name(gm, u) not in METADATA]
+        if len(users) == 1 and isinstance(example_value(users[0]), torch.Tensor):
+            u = users[0]
+            lin = linear_op(gm, u)
+            if op_name(gm, u) in DATA_MOVEMENT | IDENTITY or (lin is not None and lin.data is end):
+                end = u
+                continue
+        parts = _split_parts(gm, end)
+        if not parts:
+            return end
+        joined = parts[0] if len(parts) == 1 else _first_common_descendant(parts, order)
+        if joined is None or not isinstance(example_value(joined), torch.Tensor):
+            return end
+        end = joined
+
+
 def _region(gm: fx.GraphModule, group_input: fx.Node, consumers: list[LinearOp], order) -> tuple[list[str], str]:
-    """The subgraph whose output the AWQ loss compares (docs/design.md, "The search").
+    """The subgraph whose output the AWQ loss compares (docs/design.md, "The rule", 8).
 
     Its output is the first node all consumers reach, extended through data movement and
     further linear ops until anything else (a residual add, a norm) begins: the attention block
-    for norm->qkv, the MLP for norm->gate/up, the consumer itself for v->o and up->down.
+    for norm->qkv, the MLP for norm->gate/up, the consumer itself for v->o and up->down. A fused
+    projection's output split into parts continues from the first node all parts reach, so
+    norm->qkv_proj and norm->gate_up_proj get the same block as their unfused forms.
     """
     nodes = [c.node for c in consumers]
-    if len(nodes) == 1:
-        end = nodes[0]
-    else:
-        reach: list[set[fx.Node]] = []
-        for n in nodes:
-            seen, stack = set(), [n]
-            while stack and len(seen) < 4000:
-                x = stack.pop()
-                for u in x.users:
-                    if u not in seen:
-                        seen.add(u)
-                        stack.append(u)
-            reach.append(seen)
-        common = set.intersection(*reach)
-        common.discard(next(n for n in gm.graph.nodes if n.op == "output"))
-        end = min(common, key=lambda n: order[n]) if common else max(nodes, key=lambda n: order[n])
-    while True:
-        users = [u for u in end.users if op_name(gm, u) not in METADATA]
-        if len(users) != 1:
-            break
-        u = users[0]
-        if not isinstance(example_value(u), torch.Tensor):
-            break  # never end a region on a tuple/list (split, chunk)
-        lin = linear_op(gm, u)
-        if op_name(gm, u) in DATA_MOVEMENT | IDENTITY or (lin is not None and lin.data is end):
-            end = u
-        else:
-            break
+    end = nodes[0] if len(nodes) == 1 else _first_common_descendant(nodes, order)
+    if end is None:
+        end = max(nodes, key=lambda n: order[n])
+    end = _extend_region_end(gm, end, order)
     data_inputs = list(dict.fromkeys(c.data for c in consumers))
     inputs = data_inputs if len(data_inputs) == 1 else [group_input]
     return [n.name for n in inputs], end.name

@@ -11,12 +11,16 @@ import copy
 
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 import awqfx
+from awqfx.graph import DATA_MOVEMENT, IDENTITY, op_name
 from awqfx.groups import Consumer, Producer, ScaleGroup
+from awqfx.graph import linear_op
 from awqfx.passes.discover import DiscoveryError, discover
 from awqfx.passes.fold import fold_scales
+from awqfx.passes.region import extract_region
 from tiny_models import ARCHITECTURES, build, token_ids
 
 
@@ -199,6 +203,74 @@ def test_fold_random_scales_keeps_logits(arch, captured):
     changed = sum(not torch.equal(p, gm.get_parameter(n)) for n, p in g2.named_parameters() if n in dict(gm.named_parameters()))
     assert changed > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def region_ops(gm, group: ScaleGroup) -> list[fx.Node]:
+    """The compute nodes of ``group``'s loss region, cut as the search cuts it."""
+    reg = extract_region(gm, group)
+    return [n for n in reg.gm.graph.nodes if n.op in ("call_function", "call_method")]
+
+
+def output_projection(gm, group: ScaleGroup) -> str | None:
+    """The weight of the linear whose result the region outputs (through casts, dropout, views)."""
+    node = next(n for n in gm.graph.nodes if n.name == group.region_output)
+    while linear_op(gm, node) is None and op_name(gm, node) in DATA_MOVEMENT | IDENTITY:
+        node = node.args[0]
+    lin = linear_op(gm, node)
+    return lin.weight.name if lin else None
+
+
+def next_group(groups: list[ScaleGroup], group: ScaleGroup) -> ScaleGroup:
+    """The linear group produced by one of ``group``'s consumers (v->o after qkv, up->down after gate/up)."""
+    weights = {c.weight for c in group.consumers}
+    return next(g for g in groups if g.producer.kind == "linear" and g.producer.weight in weights)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2", "bloom"])
+def test_norm_to_qkv_region_is_the_attention_block(arch, captured):
+    """Fused q/k/v (phi3 qkv_proj, gpt2 c_attn, bloom query_key_value) gets llama's region: the
+    attention up to the output projection's result, not the fused linear alone."""
+    _, gm = captured(arch)
+    groups = discover(gm).groups
+    qkv = groups[0]
+    assert qkv.producer.kind == "norm"
+    ops = {op_name(gm, n) for n in region_ops(gm, qkv)}
+    assert ops & {"scaled_dot_product_attention", "softmax"}, sorted(ops)
+    assert output_projection(gm, qkv) == next_group(groups, qkv).consumers[0].weight
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_norm_to_gate_up_region_is_the_mlp(arch, captured):
+    """Fused gate/up (phi3 gate_up_proj) gets llama's region: the gated MLP up to down_proj's result."""
+    _, gm = captured(arch)
+    groups = discover(gm).groups
+    mlp = next(g for g in groups if g.producer.kind == "norm" and g is not groups[0])
+    nodes = region_ops(gm, mlp)
+    computed = set(nodes)
+    gating = [n for n in nodes if op_name(gm, n) == "mul" and all(a in computed for a in n.args)]
+    assert gating, [op_name(gm, n) for n in nodes]
+    assert output_projection(gm, mlp) == next_group(groups, mlp).consumers[0].weight
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_fused_projection_region_reaches_the_next_projection(arch, captured):
+    """A norm group's consumer whose output rows only partly feed the next group (a fused qkv or
+    gate/up projection) must not end the loss region: the next group's consumer is inside it."""
+    _, gm = captured(arch)
+    groups = discover(gm).groups
+    checked = 0
+    for g in groups:
+        if g.producer.kind != "norm":
+            continue
+        inside = {n.name for n in region_ops(gm, g)}
+        for c in g.consumers:
+            fused = [h for h in groups if h.producer.kind == "linear" and h.producer.weight == c.weight
+                     and h.channels.numel() < h.producer.num_channels]
+            for h in fused:
+                assert {k.node for k in h.consumers} <= inside, f"{g.name}: region ends at {g.region_output}"
+                checked += 1
+    fused_archs = {"phi3", "gpt2", "falcon", "bloom", "mixtral", "qwen2_moe", "qwen3_moe"}
+    assert (checked > 0) == (arch in fused_archs)
 
 
 def test_negative_control_wrong_edges_change_logits(captured):
