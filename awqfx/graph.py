@@ -101,6 +101,13 @@ ACTIVATIONS = frozenset({
     "gelu", "silu", "relu", "tanh", "sigmoid", "mish", "hardswish", "elu", "selu", "softplus",
     "gelu_", "silu_", "leaky_relu", "mul",  # mul: the last op of a composite GELU (GPT-2, Bloom)
 })
+# Ops that map each element on its own (given constant other operands): logit post-processing
+# such as softcapping ``tanh(x / c) * c`` or logit scaling ``x * s`` keeps a linear an LM head.
+ELEMENTWISE = ACTIVATIONS | HOMOGENEOUS | frozenset({
+    "mul", "multiply", "div", "divide", "true_divide", "add", "sub", "rsub", "pow", "maximum", "minimum",
+    "exp", "log", "abs", "sqrt", "rsqrt", "reciprocal", "square", "erf", "softcap", "clamp", "clamp_min",
+    "clamp_max", "clip", "hardtanh", "nan_to_num",
+})
 ELEMENTWISE_LINEAR = frozenset({"linear"})
 MATMULS = frozenset({"matmul", "mm", "bmm"})
 

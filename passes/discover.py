@@ -17,6 +17,7 @@ never scaled), so it may still gate other channels.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ import torch.fx as fx
 from awqfx.graph import (
     ACTIVATIONS,
     DATA_MOVEMENT,
+    ELEMENTWISE,
     IDENTITY,
     METADATA,
     ROUTING,
@@ -167,17 +169,39 @@ def _feeds_attention_scores(gm: fx.GraphModule, node: fx.Node, linear_ops, depth
     return False
 
 
-def _is_head(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """The linear's output is a graph output (an LM head): not quantized by default."""
+def _is_head(gm: fx.GraphModule, node: fx.Node, depth: int = 16) -> bool:
+    """The linear's output is a graph output (an LM head): not quantized by default.
+
+    It may reach the output through a chain of single-user ops that post-process each logit on its
+    own: data movement, casts, and elementwise ops whose other operands are constants
+    (softcapping ``tanh(x / c) * c``, logit scaling ``x * s`` or ``x / s``).
+    """
     cur = node
-    for _ in range(8):
+    for _ in range(depth):
         users = [u for u in cur.users if op_name(gm, u) not in METADATA]
         if any(u.op == "output" for u in users):
             return True
-        if len(users) != 1 or op_name(gm, users[0]) not in DATA_MOVEMENT | IDENTITY:
+        if len(users) != 1 or not _keeps_logits(gm, users[0], cur):
             return False
         cur = users[0]
     return False
+
+
+def _keeps_logits(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> bool:
+    """``node`` moves, casts or elementwise-transforms ``src`` alone (its other operands are constants)."""
+    name = op_name(gm, node)
+    if name in DATA_MOVEMENT | IDENTITY:
+        return True
+    if name.removesuffix("_") not in ELEMENTWISE or shape_of(node) != shape_of(src):
+        return False
+    return all(_is_constant(gm, a) for a in node.all_input_nodes if a is not src)
+
+
+def _is_constant(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A parameter, a graph constant, or a single-element value (broadcast alike over every logit)."""
+    if node.op == "get_attr" or param_name(gm, node) is not None:
+        return True
+    return hasattr(example_value(node), "shape") and math.prod(shape_of(node)) == 1
 
 
 def _first_common_descendant(nodes: list[fx.Node], order: dict[fx.Node, int]) -> fx.Node | None:

@@ -4,9 +4,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from awqfx.app.cli import main
-from awqfx.export import load_quantized
+from awqfx.apply import apply_plan
+from awqfx.export import PLAN_SUBDIR, load_quantized
+from awqfx.params import get_param
+from awqfx.plan import AWQPlan
 from tiny_models import build, save_model_dir, token_ids
 
 
@@ -99,8 +103,6 @@ def test_quantize_end_to_end_and_load(tiny_dir, tmp_path, capsys):
         assert needle in text
     model = load_quantized(out)
     ids = token_ids()
-    import torch
-
     with torch.no_grad():
         logits = model(ids).logits
     assert torch.isfinite(logits).all()
@@ -108,6 +110,27 @@ def test_quantize_end_to_end_and_load(tiny_dir, tmp_path, capsys):
     # --out exists now: refused with a usage error unless --overwrite
     assert main(["quantize", str(tiny_dir), "--out", str(out)] + QUICK) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "granite", "cohere", "olmo2", "starcoder2"])
+def test_quantize_post_processed_logits_end_to_end(arch, tmp_path):
+    """Softcapped / scaled logits (gemma2, granite, cohere; tied heads on gemma2, cohere, starcoder2):
+    the head stays unquantized, the pack step succeeds, and the saved model computes the plan's logits."""
+    src, out, calib = tmp_path / "src", tmp_path / "q", tmp_path / "calib.txt"
+    model = save_model_dir(src, arch)
+    calib.write_text("To be, or not to be, that is the question. " * 8)  # 4 x 16 tokens, no bundled plays
+    assert main(["quantize", str(src), "--out", str(out), "--group-size", "32", "--calib", str(calib),
+                 "--clip-grid", "4", "--clip-rounds", "0"] + QUICK) == 0
+    plan = AWQPlan.load(out / PLAN_SUBDIR)
+    head = model.get_output_embeddings().weight
+    assert plan.weights and all(get_param(model, w) is not head for w in plan.weights)
+    loaded = load_quantized(out, backend="dequant")
+    ids = token_ids()
+    with torch.no_grad():
+        got, want, fp = loaded(ids).logits, apply_plan(model, plan)(ids).logits, model(ids).logits
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, fp, atol=1e-4)  # the weights really were quantized
 
 
 def test_quantize_refuses_bad_input_before_work(tiny_dir, tmp_path, capsys):

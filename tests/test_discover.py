@@ -21,7 +21,7 @@ from awqfx.graph import linear_op
 from awqfx.passes.discover import DiscoveryError, discover
 from awqfx.passes.fold import fold_scales
 from awqfx.passes.region import extract_region
-from tiny_models import ARCHITECTURES, build, token_ids
+from tiny_models import ARCHITECTURES, EXTRA_ARCHITECTURES, build, token_ids
 
 
 def summarize(group: ScaleGroup) -> str:
@@ -342,6 +342,59 @@ def test_attention_qk_and_quantizable(captured):
     assert "lm_head.weight" not in d.quantizable and len(d.quantizable) == 14
     _, moe = captured("mixtral")
     assert "model.layers.0.mlp.gate.weight" not in discover(moe).quantizable  # router: scaled, not quantized
+
+
+def expected_quantizable(model: nn.Module) -> list[str]:
+    """Every matmul weight (2-D linear weights, 3-D expert weights) except the input and output
+    embeddings and the MoE routers (modules that pick ``top_k`` experts), read from the modules."""
+    skip = {id(model.get_output_embeddings().weight)}
+    for mod in model.modules():
+        if isinstance(mod, nn.Embedding) or hasattr(mod, "top_k"):
+            skip |= {id(p) for p in mod.parameters(recurse=False)}
+    return sorted(n for n, p in model.named_parameters() if p.dim() >= 2 and id(p) not in skip)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES + EXTRA_ARCHITECTURES)
+def test_quantizable_is_every_linear_but_head_and_routers(arch, captured):
+    model, gm = captured(arch)
+    assert discover(gm).quantizable == expected_quantizable(model)
+
+
+@pytest.mark.parametrize("arch, post", [("gemma2", ["div", "tanh", "mul"]), ("granite", ["div"]), ("cohere", ["mul"])])
+def test_logits_are_post_processed(arch, post, captured):
+    """These models really post-process their logits after the head (the test above is not vacuous)."""
+    _, gm = captured(arch)
+    node, ops = next(n for n in gm.graph.nodes if n.op == "output").args[0][0], []
+    while linear_op(gm, node) is None:
+        ops.insert(0, op_name(gm, node))
+        node = node.args[0]
+    assert ops == post
+
+
+class _PostProcessedHead(nn.Module):
+    def __init__(self, post):
+        super().__init__()
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 8)
+        self.scale = nn.Parameter(torch.tensor(0.5))
+        self.post = post
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.post(self, self.head(h), h)
+
+
+@pytest.mark.parametrize("post, is_head", [
+    (lambda m, y, h: torch.tanh(y / 30.0) * 30.0, True),  # final-logit softcapping
+    (lambda m, y, h: (y * m.scale).float().view(-1, 2, 4), True),  # learnt scalar, cast, view
+    (lambda m, y, h: torch.clamp(y + 1.0, -5.0, 5.0), True),
+    (lambda m, y, h: y * h[..., :8], False),  # gated by activations: not logit post-processing
+    (lambda m, y, h: torch.softmax(y, -1) + y, False),  # two users
+], ids=["softcap", "scale-cast-view", "clamp", "gated", "two-users"])
+def test_head_detection_follows_elementwise_post_processing(post, is_head):
+    gm = awqfx.capture(_PostProcessedHead(post).eval(), example_inputs=(torch.randn(3, 16),))
+    assert ("head.weight" not in discover(gm).quantizable) == is_head
+    assert "head.weight" in discover(gm, quantize_head=True).quantizable
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

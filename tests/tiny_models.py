@@ -1,4 +1,4 @@
-"""Tiny random-init causal LMs for 15 architectures, built from transformers configs (no hub).
+"""Tiny random-init causal LMs, built from transformers configs (no hub).
 
 Sizes are chosen so every structural feature is present (GQA with 2 query heads per kv head,
 2 layers, MoE with 4 experts) while a forward pass takes milliseconds.
@@ -13,11 +13,14 @@ ARCHITECTURES = [
     "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3", "opt", "gpt2",
     "falcon", "bloom", "mixtral", "qwen2_moe", "qwen3_moe",
 ]
+# Post-processed logits (softcapping, logit scaling) and other layouts, checked without exact groups.
+EXTRA_ARCHITECTURES = ["granite", "cohere", "olmo2", "starcoder2"]
 
 
 def config(name: str, **overrides):
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    special_tokens = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # inside the tiny vocab
     builders = {
         "llama": lambda: T.LlamaConfig(**common),
         "qwen2": lambda: T.Qwen2Config(**common),
@@ -38,6 +41,11 @@ def config(name: str, **overrides):
                                               shared_expert_intermediate_size=48),
         "qwen3_moe": lambda: T.Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                               head_dim=16),
+        "granite": lambda: T.GraniteConfig(**common, logits_scaling=4.0, embedding_multiplier=2.0,
+                                           residual_multiplier=0.5, attention_multiplier=0.25),
+        "cohere": lambda: T.CohereConfig(**common, logit_scale=0.25, **special_tokens),
+        "olmo2": lambda: T.Olmo2Config(**common, **special_tokens),
+        "starcoder2": lambda: T.Starcoder2Config(**common, **special_tokens),
     }
     cfg = builders[name]()
     for k, v in overrides.items():
