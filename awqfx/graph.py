@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 # -- op names -------------------------------------------------------------------------------
 
@@ -315,6 +316,18 @@ def shape_of(node: Any) -> tuple[int, ...]:
     if v is None or not hasattr(v, "shape"):
         return ()
     return tuple(int(_hint(s)) for s in v.shape)
+
+
+def traced_input_shape(node: fx.Node) -> tuple[int | None, ...] | None:
+    """The shape a tracer fixed for a graph input: sizes of static dims, None for dynamic ones.
+
+    None when the graph is shape-generic: its input has no traced (fake) value, e.g. a
+    ``symbolic_trace`` graph whose example values were recorded by running it.
+    """
+    v = node.meta.get("val")
+    if not isinstance(v, FakeTensor):
+        return None
+    return tuple(None if isinstance(s, torch.SymInt) else int(s) for s in v.shape)
 
 
 def has_shapes(gm: fx.GraphModule) -> bool:

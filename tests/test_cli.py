@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from awqfx.cli import main
 from awqfx.export import load_quantized
@@ -108,6 +109,21 @@ def test_quantize_end_to_end_and_load(tiny_dir, tmp_path, capsys):
     # --out exists now: refused with a usage error unless --overwrite
     assert main(["quantize", str(tiny_dir), "--out", str(out)] + QUICK) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_quantize_captures_a_static_only_model_at_the_calibration_shape(tiny_dir, tmp_path, monkeypatch):
+    export = torch.export.export
+
+    def static_only(*args, dynamic_shapes=None, **kwargs):
+        if dynamic_shapes is not None:
+            raise RuntimeError("simulated: the model specialises its input shape")
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", static_only)
+    with pytest.warns(UserWarning, match=r"LlamaForCausalLM could not be exported .*static in batch = 4 and "
+                                         r"sequence length = 16"):
+        rc = main(["quantize", str(tiny_dir), "--out", str(tmp_path / "q"), "--group-size", "32"] + QUICK)
+    assert rc == 0  # QUICK calibrates on 4 x 16 tokens; a graph captured at the default [2, 8] cannot run them
 
 
 def test_quantize_refuses_bad_input_before_work(tiny_dir, tmp_path, capsys):
