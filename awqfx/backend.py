@@ -4,9 +4,10 @@
 ``torch.compile(apply_awq_pass(awqfx.capture(model), calib))``; dynamo's graphs take the
 parameters as inputs, so folding scales into them belongs before compilation.)
 
-Dynamo hands a backend a GraphModule whose parameters are placeholders
-(``L_self_modules_..._parameters_weight_``) and whose linears are ``torch._C._nn.linear``;
-discovery reads it with the same rules as an exported graph and finds the same groups.
+Dynamo hands a backend a GraphModule whose parameters are placeholders and whose linears are
+``torch._C._nn.linear``; each placeholder's FQN is read from the source dynamo records for it
+(``awqfx.graph.dynamo_param``), and discovery reads the graph with the same rules as an exported
+graph and finds the same groups.
 """
 from __future__ import annotations
 

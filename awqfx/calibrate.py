@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from awqfx.graph import float_dtype
+from awqfx.graph import float_dtype, traced_input_shape
 from awqfx.memory import release_memory
 from awqfx.observed import ObservedGraph
 from awqfx.params import move_to
@@ -46,6 +46,24 @@ def iter_batches(calib: Any, batch_size: int) -> Iterable[torch.Tensor]:
     if calib is None:
         raise CalibrationError("no calibration data: pass [N, L] token ids (e.g. awqfx.assets.calibration_samples)")
     return calib
+
+
+def _check_input_shapes(gm: fx.GraphModule, args: tuple[torch.Tensor, ...]) -> None:
+    """Refuse a batch the graph cannot run: one whose shape differs from a dim the capture fixed."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, arg in zip(inputs, args):
+        fixed = traced_input_shape(node)
+        if fixed is None:
+            continue
+        if len(fixed) == arg.dim() and all(f is None or f == s for f, s in zip(fixed, arg.shape)):
+            continue
+        shape = ", ".join("*" if f is None else str(f) for f in fixed)
+        raise CalibrationError(
+            f"calibration batch of shape {list(arg.shape)} does not fit the graph: it was captured with a static "
+            f"input shape [{shape}] (its dynamic export failed). Capture it at the calibration batch shape, "
+            "awqfx.capture(model, static_inputs=(calib[:batch_size],)), and give a number of sequences that is a "
+            "multiple of the config's batch_size."
+        )
 
 
 def _calibration_module(observed: ObservedGraph) -> fx.GraphModule:
@@ -133,6 +151,7 @@ def calibrate(observed: ObservedGraph, batches: Any, device: str | torch.device 
                     f"calibration sequences of {x.shape[1]} token are too short: need at least 2 tokens per "
                     "sequence (512 is the reference length)"
                 )
+            _check_input_shapes(cm, args)
             cm(*(a.to(dev) for a in args))
             seen += 1
             observed.calibration["batches"] += 1

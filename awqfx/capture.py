@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 
 import torch
 import torch.fx as fx
@@ -91,19 +92,39 @@ def _explain(model: nn.Module, err: Exception) -> str:
     )
 
 
+_DIM_NAMES = {0: "batch", 1: "sequence length"}
+
+
+def _warn_static(model: nn.Module, example: torch.Tensor, dynamic_dims: dict, err: Exception | None) -> None:
+    """Say loudly which input dims the graph fixed: it will only run on inputs of that shape."""
+    fixed = [d for d in range(example.dim()) if d not in dynamic_dims]
+    dims = " and ".join(f"{_DIM_NAMES.get(d, f'dim {d}')} = {example.shape[d]}" for d in fixed)
+    shape = [str(s) if d in fixed else "*" for d, s in enumerate(example.shape)]
+    warnings.warn(
+        f"awqfx.capture: {type(model).__name__} could not be exported with a dynamic batch and sequence length "
+        f"({type(err).__name__}); the graph is static in {dims} and only runs on inputs of shape "
+        f"[{', '.join(shape)}]. Pass a batch of the shape you will calibrate with: "
+        "awqfx.capture(model, static_inputs=(calib[:batch_size],)).",
+        stacklevel=3,  # the caller of awqfx.capture
+    )
+
+
 def capture(
     model: nn.Module,
     example_inputs: tuple | None = None,
     *,
     dynamic: bool = True,
     seq_len: int = 8,
+    static_inputs: tuple | None = None,
 ) -> fx.GraphModule:
     """Trace ``model`` into an FX GraphModule with parameters as named ``get_attr`` nodes.
 
     - A Hugging Face causal LM (or any module taking ``input_ids``) is exported with
-      ``torch.export.export(..., strict=False)``; the sequence length is dynamic when the model
-      allows it (falls back to a static length, logged). Example inputs default to random token
-      ids of shape ``[2, seq_len]``; a model on the ``meta`` device works (no compute happens).
+      ``torch.export.export(..., strict=False)``; batch and sequence length are dynamic when the
+      model allows it. Otherwise they are fixed, with a warning naming the fixed dims, at the shape
+      of ``static_inputs`` (default: the example inputs): such a graph runs only on inputs of that
+      shape, so pass a calibration batch as ``static_inputs``. Example inputs default to random
+      token ids of shape ``[2, seq_len]``; a model on the ``meta`` device works (no compute happens).
     - An ``fx.GraphModule`` (e.g. from ``symbolic_trace``) is returned as is after recording
       shapes with ``example_inputs`` when it has none.
 
@@ -130,20 +151,21 @@ def capture(
         target = _LogitsForward(model)
     elif _accepts(model, "use_cache"):
         kwargs = {"use_cache": False}
-    attempts = []
+    static_inputs = example_inputs if static_inputs is None else tuple(static_inputs)
+    attempts = []  # (inputs, dynamic_shapes): fewer dynamic dims each time, the fixed ones at static_inputs' sizes
     if dynamic and example_inputs and example_inputs[0].dim() >= 2:
         rest = [None] * (len(example_inputs) - 1)
         seq = torch.export.Dim("seq_len", min=2, max=65536)
         batch = torch.export.Dim("batch", min=1, max=4096)
-        attempts.append(tuple([{0: batch, 1: seq}] + rest))
-        attempts.append(tuple([{1: seq}] + rest))
-    attempts.append(None)
+        attempts.append((example_inputs, tuple([{0: batch, 1: seq}] + rest)))
+        attempts.append((static_inputs, tuple([{1: seq}] + rest)))
+    attempts.append((static_inputs, None))
     last: Exception | None = None
     try:
-        for dyn in attempts:
+        for inputs, dyn in attempts:
             try:
                 with torch.no_grad():
-                    ep = torch.export.export(target, example_inputs, kwargs=kwargs, strict=False, dynamic_shapes=dyn)
+                    ep = torch.export.export(target, inputs, kwargs=kwargs, strict=False, dynamic_shapes=dyn)
                 break
             except Exception as e:  # noqa: BLE001 - reported below with context
                 last = e
@@ -153,6 +175,8 @@ def capture(
             raise CaptureError(_explain(model, last)) from last
     finally:
         model.train(was_training)
+    if dyn is not attempts[0][1]:  # the dynamic export was refused
+        _warn_static(model, inputs[0], dyn[0] if dyn else {}, last)
     gm = _drop_guards(ep.module())
     for m in gm.modules():  # traced in eval mode (export's module() refuses .eval() and reports training)
         m.training = False

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 # -- op names -------------------------------------------------------------------------------
 
@@ -119,14 +120,15 @@ def is_grouped_mm(name: str) -> bool:
 
 # -- parameters -----------------------------------------------------------------------------
 
-_DYNAMO_PARAM = re.compile(r"^[Ll]_self_(.*)_$")
+_DYNAMO_PARAM = re.compile(r"^[Ll]_(?:self|args_0)_(.*)_$")
 
 
 def dynamo_param_name(placeholder: str) -> str | None:
-    """FQN of a parameter lifted by dynamo, from its placeholder name.
+    """FQN of a parameter lifted by dynamo, parsed from its placeholder name (fallback only).
 
     ``L_self_modules_model_modules_layers_modules_0_modules_q_proj_parameters_weight_`` ->
-    ``model.layers.0.q_proj.weight``.
+    ``model.layers.0.q_proj.weight``. Ambiguous when a module name itself contains ``_modules_``;
+    ``dynamo_param`` reads dynamo's source record instead whenever the graph carries it.
     """
     m = _DYNAMO_PARAM.match(placeholder)
     if not m:
@@ -134,6 +136,65 @@ def dynamo_param_name(placeholder: str) -> str | None:
     parts = re.split(r"(?:^|_)(?:modules|parameters|buffers)_", m.group(1))
     parts = [p for p in parts if p]
     return ".".join(parts) if parts else None
+
+
+_MODULE_DICTS = frozenset({"_modules", "_parameters", "_buffers"})
+
+
+def dynamo_source(node: fx.Node) -> Any | None:
+    """Dynamo's record of where a placeholder's value comes from (a chain of attribute/item sources).
+
+    ``node.meta["grapharg"]`` while dynamo builds the graph; dynamo drops it before calling a
+    backend and leaves the same source on ``node._dynamo_source`` (pytorch/pytorch#141640).
+    """
+    grapharg = node.meta.get("grapharg")
+    if grapharg is not None and getattr(grapharg, "source", None) is not None:
+        return grapharg.source
+    return getattr(node, "_dynamo_source", None)
+
+
+def _source_steps(source: Any) -> list[str] | None:
+    """Attribute/item steps from the compiled module down to ``source``; None if no module is on the chain.
+
+    The chain runs leaf to root through ``.base``. Attribute sources give ``member``, item sources
+    (``_modules['layers']``, ``ModuleList[0]``, ``_parameters['weight']``) give ``index``; the
+    compiled module is what the root-most ``NNModuleSource`` wraps, so steps below it (``L['self']``,
+    ``L['args'][0]``) are not part of the name.
+    """
+    from torch._dynamo.source import NNModuleSource  # loaded already when a graph has sources; costly otherwise
+
+    chain = []
+    while source is not None:
+        chain.append(source)
+        source = getattr(source, "base", None)
+    roots = [i for i, s in enumerate(chain) if isinstance(s, NNModuleSource)]
+    if not roots:
+        return None
+    steps = []
+    for s in reversed(chain[:roots[-1]]):
+        step = getattr(s, "member", None)
+        if step is None:
+            step = getattr(s, "index", None)
+        if isinstance(step, (str, int)) and not isinstance(step, bool):
+            steps.append(str(step))
+    return steps
+
+
+def dynamo_param(node: fx.Node) -> str | None:
+    """FQN of the parameter a dynamo placeholder holds (None: an input, a buffer, or no source record).
+
+    Parameter-ness comes from the example value dynamo recorded (an ``nn.Parameter``) when present,
+    otherwise from the source reading the module's ``_parameters``.
+    """
+    steps = _source_steps(dynamo_source(node))
+    if not steps:
+        return None
+    grapharg = node.meta.get("grapharg")
+    example = getattr(grapharg, "example", None)
+    is_param = isinstance(example, nn.Parameter) if example is not None else "_parameters" in steps
+    if not is_param:
+        return None
+    return ".".join(s for s in steps if s not in _MODULE_DICTS)
 
 
 @dataclass(frozen=True)
@@ -161,6 +222,8 @@ def param_name(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if node.op == "placeholder":
         if "awqfx_param" in node.meta:
             return node.meta["awqfx_param"]
+        if dynamo_source(node) is not None:
+            return dynamo_param(node)
         name = str(node.target)
         return dynamo_param_name(name) if "_parameters_" in name else None
     return None
@@ -262,6 +325,18 @@ def shape_of(node: Any) -> tuple[int, ...]:
     return tuple(int(_hint(s)) for s in v.shape)
 
 
+def traced_input_shape(node: fx.Node) -> tuple[int | None, ...] | None:
+    """The shape a tracer fixed for a graph input: sizes of static dims, None for dynamic ones.
+
+    None when the graph is shape-generic: its input has no traced (fake) value, e.g. a
+    ``symbolic_trace`` graph whose example values were recorded by running it.
+    """
+    v = node.meta.get("val")
+    if not isinstance(v, FakeTensor):
+        return None
+    return tuple(None if isinstance(s, torch.SymInt) else int(s) for s in v.shape)
+
+
 def has_shapes(gm: fx.GraphModule) -> bool:
     """Whether the nodes carry example values (export/dynamo record them; symbolic_trace does not)."""
     calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method")]
@@ -295,12 +370,15 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
         _Recorder(gm).run(*example_inputs)
 
 
+_DYNAMO_ROOT = re.compile(r"^L(?:\[[^\]]*\])+\.")  # dynamo's root of the compiled module: L['self']. or L['args'][0].
+
+
 def node_path(gm: fx.GraphModule, node: fx.Node) -> str:
     """The owning module path of a node (from nn_module_stack), for display only."""
     stack = node.meta.get("nn_module_stack")
     if stack:
         path = list(stack.values())[-1][0]
-        return path.replace("L['self'].", "").replace("L__self__.", "")
+        return _DYNAMO_ROOT.sub("", path.replace("L__self__.", ""))
     return node.name
 
 

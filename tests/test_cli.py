@@ -133,6 +133,21 @@ def test_quantize_post_processed_logits_end_to_end(arch, tmp_path):
     assert not torch.allclose(got, fp, atol=1e-4)  # the weights really were quantized
 
 
+def test_quantize_captures_a_static_only_model_at_the_calibration_shape(tiny_dir, tmp_path, monkeypatch):
+    export = torch.export.export
+
+    def static_only(*args, dynamic_shapes=None, **kwargs):
+        if dynamic_shapes is not None:
+            raise RuntimeError("simulated: the model specialises its input shape")
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", static_only)
+    with pytest.warns(UserWarning, match=r"LlamaForCausalLM could not be exported .*static in batch = 4 and "
+                                         r"sequence length = 16"):
+        rc = main(["quantize", str(tiny_dir), "--out", str(tmp_path / "q"), "--group-size", "32"] + QUICK)
+    assert rc == 0  # QUICK calibrates on 4 x 16 tokens; a graph captured at the default [2, 8] cannot run them
+
+
 def test_quantize_refuses_bad_input_before_work(tiny_dir, tmp_path, capsys):
     assert main(["quantize", str(tiny_dir), "--out", str(tmp_path / "a"), "--bits", "9"] + QUICK) == 2
     assert "bits" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import awqfx
-from awqfx.graph import DATA_MOVEMENT, IDENTITY, op_name
+from awqfx.graph import DATA_MOVEMENT, IDENTITY, op_name, param_name
 from awqfx.groups import Consumer, Producer, ScaleGroup
 from awqfx.graph import linear_op
 from awqfx.passes.discover import DiscoveryError, discover
@@ -397,6 +397,16 @@ def test_head_detection_follows_elementwise_post_processing(post, is_head):
     assert "head.weight" in discover(gm, quantize_head=True).quantizable
 
 
+def group_identity(group: ScaleGroup) -> tuple:
+    """Everything that defines a group except node names (they differ between export and dynamo):
+    the producer (kind, weight, bias, offset, out dim; the owning module of an inserted scale), the
+    scaled channels, and each consumer's weight, contraction dim, quantize flag and column map."""
+    p = group.producer
+    producer = (p.kind, p.weight or p.path, p.bias, p.offset, p.out_dim, p.num_channels)
+    consumers = tuple((c.weight, c.in_dim, c.quantize, tuple(c.columns.tolist())) for c in group.consumers)
+    return producer, tuple(group.channels.tolist()), consumers
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_torch_compile_backend_finds_the_same_groups(arch, captured):
     model, gm = captured(arch)
@@ -405,10 +415,37 @@ def test_torch_compile_backend_finds_the_same_groups(arch, captured):
     compiled = torch.compile(model, backend=be, dynamic=False)
     with torch.no_grad():
         compiled(token_ids(), use_cache=False)
-    dyn = [summarize(g) for d in be.discoveries for g in d.groups]
-    exported = [summarize(g) for g in discover(gm).groups]
-    strip = lambda s: s.split("]", 1)[1] + s.split("[", 1)[1].split("]")[0]  # noqa: E731 - node names differ
-    assert [strip(s) for s in dyn] == [strip(s) for s in exported]
+    dyn = [group_identity(g) for d in be.discoveries for g in d.groups]
+    exported = [group_identity(g) for g in discover(gm).groups]
+    assert len(exported) == len(EXPECTED[arch])
+    assert dyn == exported
+
+
+class _SeparatorNames(nn.Module):
+    """Attribute names containing dynamo's own name separators (``_modules_``, ``_parameters_``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.my_modules_list = nn.ModuleList([nn.Linear(8, 8)])
+        self.w_parameters_x = nn.Parameter(torch.ones(8))
+        self.register_buffer("scale_parameters_buf", torch.ones(8))
+
+    def forward(self, x):
+        return self.my_modules_list[0](x * self.w_parameters_x) * self.scale_parameters_buf
+
+
+def test_dynamo_parameters_are_named_from_graph_metadata():
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(_SeparatorNames().eval(), backend=keep)(torch.randn(2, 8))
+    (gm,) = graphs
+    names = {param_name(gm, n) for n in gm.graph.nodes if n.op == "placeholder"}
+    assert names - {None} == {"my_modules_list.0.weight", "my_modules_list.0.bias", "w_parameters_x"}
 
 
 class _UserMLP(nn.Module):

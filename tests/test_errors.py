@@ -5,12 +5,14 @@ Each test asserts the message a user sees, not just the exception type.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 
 import awqfx
-from awqfx.api import AWQConfig, NonFiniteActivationError, apply_plan, calibrate, prepare, search
+from awqfx.api import AWQConfig, CalibrationError, NonFiniteActivationError, apply_awq_pass, apply_plan, calibrate, prepare, search
 from awqfx.app.cli import main
 from tiny_models import build
 
@@ -30,6 +32,53 @@ def test_fp16_overflow_during_calibration_names_the_node():
         calibrate(obs, _calib(), progress=False)
     msg = str(err.value)
     assert "activation at node" in msg and ("Inf" in msg or "NaN" in msg)
+
+
+class _HeadsLM(nn.Module):
+    """Embedding viewed as heads and merged back, norm, two linears. With ``specialize`` the head view
+    reads the input's sizes as Python ints, so torch.export can only capture it with static shapes
+    (the graph then holds ``view(2, 8, 2, 8)``); eagerly it runs at any shape."""
+
+    def __init__(self, specialize: bool):
+        super().__init__()
+        self.specialize = specialize
+        self.embed = nn.Embedding(32, 16)
+        self.norm = nn.LayerNorm(16)
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 16)
+
+    def forward(self, input_ids):
+        batch, seq = map(int, input_ids.shape) if self.specialize else input_ids.shape
+        h = self.embed(input_ids).view(batch, seq, 2, 8).flatten(2)
+        return self.down(torch.relu(self.up(self.norm(h))))
+
+
+def _token_ids(batch, seq=8):
+    return torch.randint(0, 32, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+
+def test_static_capture_warns_and_calibration_refuses_other_shapes():
+    torch.manual_seed(0)
+    model, calib, cfg = _HeadsLM(specialize=True).eval(), _token_ids(8), AWQConfig(group_size=16)
+    with pytest.warns(UserWarning, match=r"_HeadsLM could not be exported with a dynamic batch and sequence length"
+                                         r".*static in batch = 2 and sequence length = 8.*static_inputs"):
+        gm = awqfx.capture(model, example_inputs=(_token_ids(2),))
+    with pytest.raises(CalibrationError, match=r"batch of shape \[8, 8\].*static input shape \[2, 8\]"
+                                               r".*static_inputs=\(calib\[:batch_size\],\)"):
+        calibrate(prepare(gm, cfg), calib, progress=False)
+    with pytest.warns(UserWarning, match=r"static in batch = 8 and sequence length = 8"):
+        at_calib_shape = awqfx.capture(model, example_inputs=(_token_ids(2),), static_inputs=(calib[:8],))
+    qgm = apply_awq_pass(at_calib_shape, calib, cfg)
+    assert qgm(calib).shape == (8, 8, 16)
+
+
+def test_dynamic_capture_does_not_warn_and_calibrates_any_shape():
+    model = _HeadsLM(specialize=False).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = awqfx.capture(model, example_inputs=(_token_ids(2),))
+    observed = calibrate(prepare(gm, AWQConfig(group_size=16)), _token_ids(8, seq=12), progress=False)
+    assert observed.calibration["sequences"] == 8
 
 
 def test_plan_that_does_not_match_the_model():

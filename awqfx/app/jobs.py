@@ -107,7 +107,8 @@ def quantize_model(
     if calib is not None:
         rep.facts["calibration"] = f"{calib.shape[0]} x {calib.shape[1]} tokens"
     with rep.stage("capture + discover"):
-        gm = capture(model)
+        # a model that exports only with static shapes is captured at the calibration batch shape
+        gm = capture(model, static_inputs=None if calib is None else (calib[: cfg.batch_size],))
         observed = prepare(gm, cfg)
     d = observed.discovery
     rep.facts["scale groups"] = f"{len(d.groups)} found, {len(d.rejected)} rejected candidates"
