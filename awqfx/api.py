@@ -1,6 +1,6 @@
 """The AWQ pass, staged like ``torch.ao.quantization.quantize_pt2e``::
 
-    observed = prepare(gm, AWQConfig(bits=4, group_size=64))   # private copy + observers
+    observed = prepare(gm, AWQConfig.of(bits=4, group_size=64))   # private copy + observers
     calibrate(observed, calib)                                  # [N, L] token ids (tqdm, no grad)
     plan = search(observed)                                     # AWQPlan: scales, clips, specs
     qgm = convert(gm, plan)                                     # copy: folded + fake-quantized
@@ -44,8 +44,8 @@ def _config(config: AWQConfig | Mapping | None) -> AWQConfig:
     if isinstance(config, AWQConfig):
         return config
     if isinstance(config, Mapping):
-        return AWQConfig(**config)
-    raise TypeError(f"config must be an AWQConfig (or a dict of its fields), got {type(config).__name__}")
+        return AWQConfig.of(**config)
+    raise TypeError(f"config must be an AWQConfig (or a dict of its flat fields, see AWQConfig.of), got {type(config).__name__}")
 
 
 def _as_graph(gm: nn.Module) -> fx.GraphModule:
@@ -71,7 +71,7 @@ def prepare(gm: nn.Module, config: AWQConfig | Mapping | None = None) -> Observe
     disc = discover(work, quantize_head=cfg.quantize_head)
     groups = [g for g in disc.groups if any(c.quantize for c in g.consumers)]  # others keep s = 1
     linears, data_of = linear_table(work)
-    means, samples = insert_observers(work, groups, cfg.loss_samples if cfg.method == "awq" else 0)
+    means, samples = insert_observers(work, groups, cfg.runtime.loss_samples if cfg.needs_calibration else 0)
     observed = ObservedGraph(work, disc, cfg, groups, linears, data_of, means, samples)
     spec = cfg.spec
     for w in disc.quantizable:
@@ -84,8 +84,8 @@ def prepare(gm: nn.Module, config: AWQConfig | Mapping | None = None) -> Observe
                 spec.validate(shape[observed.linears[w][2]])
             except ValueError as e:
                 raise ValueError(f"{w} (shape {tuple(shape)}): {e}") from None
-    if cfg.device is not None:
-        move_to(work, cfg.device)
+    if cfg.runtime.device is not None:
+        move_to(work, cfg.runtime.device)
     observed.timings["prepare_s"] = time.perf_counter() - t0
     return observed
 
@@ -108,12 +108,12 @@ def convert(gm: nn.Module | ObservedGraph, plan: AWQPlan, weights: str = "fake")
 
 
 def _check_calib(calib: Any, cfg: AWQConfig) -> None:
-    if cfg.method == "rtn":
+    if not cfg.needs_calibration:
         return
     if calib is None:
         raise CalibrationError("no calibration data: pass [N, L] token ids (e.g. awqfx.assets.calibration_samples)")
     if isinstance(calib, torch.Tensor):
-        iter_batches(calib, cfg.batch_size)  # raises on empty / wrong shape
+        iter_batches(calib, cfg.runtime.batch_size)  # raises on empty / wrong shape
         if calib.dim() >= 2 and calib.shape[-1] < 2:
             raise CalibrationError(f"calibration sequences of {calib.shape[-1]} token are too short: need at least "
                                    "2 tokens per sequence (512 is the reference length)")
@@ -123,14 +123,14 @@ def apply_awq_pass(gm: nn.Module, calib: Any = None, config: AWQConfig | Mapping
                    progress: bool = True, weights: str = "fake") -> fx.GraphModule:
     """prepare -> calibrate -> search -> convert; returns the rewritten GraphModule (a new one).
 
-    ``calib``: a LongTensor ``[N, L]`` of token ids (run in batches of ``config.batch_size``) or an
-    iterable of ``[B, L]`` tensors; not needed for ``method="rtn"``. ``gm`` is left untouched,
+    ``calib``: a LongTensor ``[N, L]`` of token ids (run in batches of ``config.runtime.batch_size``) or an
+    iterable of ``[B, L]`` tensors; not needed without a search (``AWQConfig.rtn``). ``gm`` is left untouched,
     whatever happens (all work is on copies). ``weights="packed"`` returns packed int4 linears.
     """
     cfg = _config(config)
     _check_calib(calib, cfg)
     observed = prepare(gm, cfg)
-    if cfg.method == "awq":
+    if cfg.needs_calibration:
         calibrate(observed, calib, progress=progress)
     plan = search(observed, cfg, progress=progress)
     target = gm if isinstance(gm, fx.GraphModule) else observed.gm

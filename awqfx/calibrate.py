@@ -118,17 +118,17 @@ def calibrate(observed: ObservedGraph, batches: Any, device: str | torch.device 
     Returns ``observed``.
     """
     cfg = observed.config
-    dev = torch.device(device or cfg.device or _default_device(observed))
+    dev = torch.device(device or cfg.runtime.device or _default_device(observed))
     if dev != _default_device(observed):
         move_to(observed.gm, dev)  # replaces tensors: the caller's (shared) ones stay where they are
         observed._calib_gm = None
     cm = _calibration_module(observed)
     if isinstance(batches, torch.Tensor) and batches.dim() == 2 and observed.sample_observers:
-        batches = batches[_loss_sample_first(batches.shape[0], cfg.loss_samples)]
-    it = iter_batches(batches, cfg.batch_size)
+        batches = batches[_loss_sample_first(batches.shape[0], cfg.runtime.loss_samples)]
+    it = iter_batches(batches, cfg.runtime.batch_size)
     total = None
     if isinstance(batches, torch.Tensor):
-        total = -(-batches.reshape(-1, batches.shape[-1]).shape[0] // cfg.batch_size)
+        total = -(-batches.reshape(-1, batches.shape[-1]).shape[0] // cfg.runtime.batch_size)
     elif hasattr(batches, "__len__"):
         total = len(batches)
     t0 = time.perf_counter()

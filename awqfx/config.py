@@ -1,134 +1,236 @@
-"""The knobs of the AWQ pass, validated before any work starts.
+"""The knobs of the AWQ pass, as typed parts, validated before any work starts.
 
-Defaults are the measured best on SmolLM2-135M (docs/results.md, "AWQ quality"); the reference
-defaults (AutoAWQ / the paper) are noted next to each field where ours differ.
+``AWQConfig`` is composed of the quantizer spec (:class:`~awqfx.quant.QuantSpec`: bits, group
+size, symmetric), the scale search (:class:`ScaleSearch`), the clip search (:class:`ClipSearch`)
+and the runtime settings (:class:`Runtime`). Round-to-nearest is the config with no scale search
+and no clip search (``AWQConfig.rtn(spec)``). Defaults are the measured best on SmolLM2-135M
+(docs/results.md, "AWQ quality"); the reference defaults (AutoAWQ / the paper) are noted where
+ours differ.
+
+``AWQConfig.of(bits=3, group_size=64, clip="sym", method="rtn", ...)`` builds one from the flat
+names the CLI flags use (``FLAT_FIELDS``).
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 
 from awqfx.quant import QuantSpec
 
-__all__ = ["AWQConfig"]
+__all__ = ["AWQConfig", "ScaleSearch", "ClipSearch", "Runtime", "FLAT_FIELDS"]
 
 _SCALE_FORMS = ("x", "duo", "both")
-_CLIPS = ("asym", "minmax", "sym", "none")
+_CLIPS = ("asym", "minmax", "sym")
 _PROPAGATE = ("fp", "quant")
-_METHODS = ("awq", "rtn")
 _AUTOCAST = ("auto", "bfloat16", "float16")
 
 
-@dataclass
-class AWQConfig:
-    """How to quantize and how hard to search.
+def _need_int(owner: str, name: str, v: Any, lo: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{owner}.{name} must be an integer >= {lo}, got {v!r}")
 
-    Quantizer
-        bits (2..8), group_size (>0, or -1 for one group per output row; a ragged last group is
-        fine), symmetric (False: integer zero point, the AWQ default).
-    Scale search (docs/design.md, "The search")
-        n_grid: ratios alpha = 0, 1/n, ..., (n-1)/n. scale_form: ``"x"`` (s = x_mean^alpha),
-        ``"duo"`` (s = x_mean^alpha / w_mean^(1-alpha), AutoAWQ's default) or ``"both"`` (both
-        grids, best loss wins). ``"x"`` (the paper's form) is the default: on SmolLM2 it recovers
-        more of RTN's gap than ``duo`` at both 3 and 4 bits (docs/results.md).
-        include_identity: also try s = 1 (plain RTN), so the search never picks scales that are
-        worse than RTN on its own loss. loss_samples: calibration sequences kept (as token ids)
-        for the region losses and the clip search; statistics (mean |x|) always use every
-        calibration token. propagate: ``"fp"`` (each group sees the float outputs of earlier
-        groups, like the reference) or ``"quant"`` (it sees the already-quantized earlier groups).
-    Clip search
-        clip: ``"minmax"`` (shrink the max and the min of each group separately), ``"asym"``
-        (shrink max and min by one ratio, llmc), ``"sym"`` (shrink max |w|, the reference) or
-        ``"none"``. clip_grid steps of 1/clip_grid from 1.0 down to max_shrink (exclusive: 1.0,
-        0.95, ..., 0.55 for the defaults). clip_rounds: after the reference's per-group loss, refine
-        each group's choice against the whole linear's output error (the groups' errors add up or
-        cancel on one output), this many passes over the groups; 0 = the per-group loss only. On
-        SmolLM2 w4 g64 the per-group variants recover 54-59 % of RTN's gap, the refinement 76 %
-        (docs/results.md).
-        clip_skip_qk skips weights feeding attention queries/keys (the reference's default, kept).
-        clip_tokens: loss-sample tokens (evenly spaced) the clip losses use.
-    Other
-        method: ``"awq"`` or ``"rtn"`` (round-to-nearest baseline: no scales, no clip).
-        device: where calibration and search run (None: where the graph's parameters are).
-        calib_dtype / search_dtype: ``None`` (the graph's own precision), ``"bfloat16"`` /
-        ``"float16"``: run the calibration forwards / the loss-sample replay and region losses under
-        ``torch.autocast`` in that dtype (statistics and losses still accumulate in float32+), or
-        ``"auto"`` (default): bfloat16 where the hardware has fast bf16 matmuls (avx512_bf16/AMX
-        CPUs, sm80+ GPUs), else None. On SmolLM2 it cuts calibration 122 -> 82 s and the search
-        231 -> 168 s on a 2-core Zen 4 at the same perplexity (docs/results.md).
-        batch_size: sequences per calibration forward when ``calib`` is one [N, L] tensor.
-        quantize_head: also quantize the LM head (off, as in every reference).
+
+def _need_choice(owner: str, name: str, v: Any, choices: tuple) -> None:
+    if v not in choices:
+        raise ValueError(f"{owner}.{name} must be one of {', '.join(map(repr, choices))}, got {v!r}")
+
+
+def _need_bool(owner: str, name: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        raise ValueError(f"{owner}.{name} must be True or False, got {v!r}")
+
+
+@dataclass(frozen=True)
+class ScaleSearch:
+    """The per-group scale search (docs/design.md, "The search").
+
+    n_grid: ratios alpha = 0, 1/n, ..., (n-1)/n. form: ``"x"`` (s = x_mean^alpha, the paper's;
+    default: on SmolLM2 it recovers more of RTN's gap than ``duo`` at 3 and 4 bits),
+    ``"duo"`` (s = x_mean^alpha / w_mean^(1-alpha), AutoAWQ's default) or ``"both"`` (both
+    grids, best loss wins). include_identity: also try s = 1 (plain RTN), so the search never
+    picks scales worse than RTN on its own loss. propagate: ``"fp"`` (each group sees the float
+    outputs of earlier groups, like the reference) or ``"quant"`` (the already-quantized ones).
     """
 
-    bits: int = 4
-    group_size: int = 128
-    symmetric: bool = False
     n_grid: int = 20
-    scale_form: str = "x"
+    form: str = "x"
     include_identity: bool = True
-    clip: str = "minmax"
-    clip_grid: int = 20
-    clip_rounds: int = 2
-    max_shrink: float = 0.5
-    clip_skip_qk: bool = True
-    clip_tokens: int = 4096
-    loss_samples: int = 8
     propagate: str = "fp"
+
+    def __post_init__(self) -> None:
+        _need_int("ScaleSearch", "n_grid", self.n_grid, 1)
+        _need_choice("ScaleSearch", "form", self.form, _SCALE_FORMS)
+        _need_bool("ScaleSearch", "include_identity", self.include_identity)
+        _need_choice("ScaleSearch", "propagate", self.propagate, _PROPAGATE)
+
+
+@dataclass(frozen=True)
+class ClipSearch:
+    """The per-(row, group) clip search.
+
+    mode: ``"minmax"`` (shrink each group's max and min separately), ``"asym"`` (max and min by
+    one ratio, llmc) or ``"sym"`` (max |w|, the reference). grid: steps of 1/grid from 1.0 down to
+    max_shrink (exclusive: 1.0, 0.95, ..., 0.55 for the defaults). rounds: passes refining each
+    group's choice against the whole linear's output error after the per-group loss (0 = the
+    per-group loss only; on SmolLM2 w4 g64 the per-group variants recover 54-59 % of RTN's gap,
+    the refinement 76 %, docs/results.md). skip_qk: skip weights feeding attention queries/keys
+    (the reference's default). tokens: loss-sample tokens (evenly spaced) the clip losses use.
+    """
+
+    mode: str = "minmax"
+    grid: int = 20
+    rounds: int = 2
+    max_shrink: float = 0.5
+    skip_qk: bool = True
+    tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        _need_choice("ClipSearch", "mode", self.mode, _CLIPS)
+        _need_int("ClipSearch", "grid", self.grid, 1)
+        _need_int("ClipSearch", "rounds", self.rounds, 0)
+        _need_int("ClipSearch", "tokens", self.tokens, 1)
+        _need_bool("ClipSearch", "skip_qk", self.skip_qk)
+        ms = self.max_shrink
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0.0 <= ms < 1.0:
+            raise ValueError(f"ClipSearch.max_shrink must be a number in [0, 1), got {ms!r}")
+
+    def shrink_ratios(self) -> list[float]:
+        """Candidates: 1.0, 1 - 1/grid, ... while above ``max_shrink``."""
+        n = self.grid
+        return [1.0 - i / n for i in range(n) if 1.0 - i / n > self.max_shrink + 1e-9]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the work runs.
+
+    device: where calibration and search run (None: where the graph's parameters are).
+    batch_size: sequences per calibration forward when ``calib`` is one [N, L] tensor.
+    loss_samples: calibration sequences kept (as token ids) for the region and clip losses;
+    statistics (mean |x|) always use every calibration token.
+    calib_dtype / search_dtype: ``None`` (the graph's own precision), ``"bfloat16"`` /
+    ``"float16"`` (``torch.autocast`` in that dtype; statistics and losses still accumulate in
+    float32+), or ``"auto"`` (default): bfloat16 where the hardware has fast bf16 matmuls
+    (avx512_bf16/AMX CPUs, sm80+ GPUs) for a float32 model, else None.
+    """
+
     device: str | None = None
-    method: str = "awq"
-    quantize_head: bool = False
     batch_size: int = 8
+    loss_samples: int = 8
     calib_dtype: str | None = "auto"
     search_dtype: str | None = "auto"
 
     def __post_init__(self) -> None:
-        # QuantSpec raises its own precise ValueError for bits / group_size.
-        QuantSpec(self.bits, self.group_size, bool(self.symmetric))
-
-        def need_int(name: str, lo: int) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"AWQConfig.{name} must be an integer >= {lo}, got {v!r}")
-
-        def need_choice(name: str, choices: tuple[str, ...]) -> None:
-            v = getattr(self, name)
-            if v not in choices:
-                raise ValueError(f"AWQConfig.{name} must be one of {', '.join(map(repr, choices))}, got {v!r}")
-
-        need_int("n_grid", 1)
-        need_int("clip_grid", 1)
-        need_int("clip_tokens", 1)
-        need_int("clip_rounds", 0)
-        need_int("loss_samples", 1)
-        need_int("batch_size", 1)
-        need_choice("scale_form", _SCALE_FORMS)
-        need_choice("clip", _CLIPS)
-        need_choice("propagate", _PROPAGATE)
-        need_choice("method", _METHODS)
-        ms = self.max_shrink
-        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0.0 <= ms < 1.0:
-            raise ValueError(f"AWQConfig.max_shrink must be a number in [0, 1), got {ms!r}")
+        _need_int("Runtime", "batch_size", self.batch_size, 1)
+        _need_int("Runtime", "loss_samples", self.loss_samples, 1)
         if self.device is not None:
             dev = str(self.device)
             if not (dev == "cpu" or dev == "cuda" or dev.startswith("cuda:")):
-                raise ValueError(f"AWQConfig.device must be 'cpu', 'cuda', 'cuda:N' or None, got {self.device!r}")
-            self.device = dev
+                raise ValueError(f"Runtime.device must be 'cpu', 'cuda', 'cuda:N' or None, got {self.device!r}")
+            object.__setattr__(self, "device", dev)
         for name in ("calib_dtype", "search_dtype"):
             v = getattr(self, name)
             if v is not None and v not in _AUTOCAST:
-                raise ValueError(f"AWQConfig.{name} must be None, 'auto', 'bfloat16' or 'float16', got {v!r}")
-        for name in ("symmetric", "include_identity", "clip_skip_qk", "quantize_head"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"AWQConfig.{name} must be True or False, got {getattr(self, name)!r}")
+                raise ValueError(f"Runtime.{name} must be None, 'auto', 'bfloat16' or 'float16', got {v!r}")
+
+
+#: flat name (CLI flag) -> (part, field)
+FLAT_FIELDS: dict[str, tuple[str, str]] = {
+    "bits": ("weights", "bits"), "group_size": ("weights", "group_size"), "symmetric": ("weights", "symmetric"),
+    "n_grid": ("scales", "n_grid"), "scale_form": ("scales", "form"), "include_identity": ("scales", "include_identity"),
+    "propagate": ("scales", "propagate"),
+    "clip": ("clip", "mode"), "clip_grid": ("clip", "grid"), "clip_rounds": ("clip", "rounds"),
+    "max_shrink": ("clip", "max_shrink"), "clip_skip_qk": ("clip", "skip_qk"), "clip_tokens": ("clip", "tokens"),
+    "device": ("runtime", "device"), "batch_size": ("runtime", "batch_size"), "loss_samples": ("runtime", "loss_samples"),
+    "calib_dtype": ("runtime", "calib_dtype"), "search_dtype": ("runtime", "search_dtype"),
+}
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """How to quantize and how hard to search.
+
+    weights: the quantizer (bits 2..8, group_size > 0 or -1 for one group per row, a ragged last
+    group is fine; symmetric False: integer zero point, the AWQ default). scales / clip: the
+    searches, or None to skip one (both None: round-to-nearest). runtime: device, batch size,
+    loss sample, autocast. quantize_head: also quantize the LM head (off, as in every reference).
+    """
+
+    weights: QuantSpec = field(default_factory=QuantSpec)
+    scales: ScaleSearch | None = field(default_factory=ScaleSearch)
+    clip: ClipSearch | None = field(default_factory=ClipSearch)
+    runtime: Runtime = field(default_factory=Runtime)
+    quantize_head: bool = False
+
+    def __post_init__(self) -> None:
+        for name, cls, optional in (("weights", QuantSpec, False), ("scales", ScaleSearch, True),
+                                    ("clip", ClipSearch, True), ("runtime", Runtime, False)):
+            v = getattr(self, name)
+            if not (isinstance(v, cls) or (optional and v is None)):
+                raise ValueError(f"AWQConfig.{name} must be a {cls.__name__}{' or None' if optional else ''}, "
+                                 f"got {type(v).__name__}")
+        _need_bool("AWQConfig", "quantize_head", self.quantize_head)
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def rtn(cls, weights: QuantSpec | None = None, **parts: Any) -> "AWQConfig":
+        """Round-to-nearest: no scale search, no clip search."""
+        return cls(weights=weights or QuantSpec(), scales=None, clip=None, **parts)
+
+    @classmethod
+    def of(cls, method: str = "awq", clip: str = "minmax", quantize_head: bool = False, **flat: Any) -> "AWQConfig":
+        """A config from flat names (``FLAT_FIELDS``, as the CLI flags spell them): ``method`` is
+        ``"awq"`` or ``"rtn"`` (no searches); ``clip="none"`` skips the clip search."""
+        if method not in ("awq", "rtn"):
+            raise ValueError(f"method must be 'awq' or 'rtn', got {method!r}")
+        unknown = sorted(set(flat) - set(FLAT_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown AWQConfig field(s): {', '.join(unknown)}")
+        parts: dict[str, dict[str, Any]] = {"weights": {}, "scales": {}, "clip": {}, "runtime": {}}
+        for k, v in flat.items():
+            part, name = FLAT_FIELDS[k]
+            parts[part][name] = v
+        if clip != "none":
+            parts["clip"]["mode"] = clip
+        searched = method == "awq"
+        return cls(weights=QuantSpec(**parts["weights"]),
+                   scales=ScaleSearch(**parts["scales"]) if searched else None,
+                   clip=ClipSearch(**parts["clip"]) if searched and clip != "none" else None,
+                   runtime=Runtime(**parts["runtime"]), quantize_head=quantize_head)
+
+    def with_(self, **flat: Any) -> "AWQConfig":
+        """A copy with some flat fields changed (``method``/``clip`` as in :meth:`of`)."""
+        return AWQConfig.of(**{**self.flat(), **flat})
+
+    # -- views --------------------------------------------------------------------------------
+    @property
+    def method(self) -> str:
+        """``"awq"`` when any search runs, ``"rtn"`` when none does."""
+        return "rtn" if self.scales is None and self.clip is None else "awq"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether a search runs (and so calibration data is needed)."""
+        return self.scales is not None or self.clip is not None
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.symmetric)
+        return self.weights
 
-    def autocast(self, stage: str, device, model_dtype=None) -> "object":
+    def flat(self) -> dict[str, Any]:
+        """The flat names of :meth:`of` (inverse of it)."""
+        out: dict[str, Any] = {"method": self.method, "quantize_head": self.quantize_head,
+                               "clip": self.clip.mode if self.clip else "none"}
+        for k, (part, name) in FLAT_FIELDS.items():
+            obj = getattr(self, part)
+            if obj is not None and k != "clip":
+                out[k] = getattr(obj, name)
+        return out
+
+    def autocast(self, stage: str, device, model_dtype=None):
         """``torch.autocast`` context for ``stage`` ("calib" or "search"), or a null context."""
         name = self.resolved_dtype(stage, device, model_dtype)
         if name is None:
@@ -139,7 +241,7 @@ class AWQConfig:
         """The autocast dtype of ``stage`` on ``device``: ``"auto"`` is bfloat16 for a float32 model
         (``model_dtype``; None: assumed float32) where the hardware has fast bf16 matmuls (CPU:
         avx512_bf16 / AMX; CUDA: sm80+), else None (no autocast: a half-precision model runs as is)."""
-        name = self.calib_dtype if stage == "calib" else self.search_dtype
+        name = self.runtime.calib_dtype if stage == "calib" else self.runtime.search_dtype
         if name != "auto":
             return name
         if model_dtype is not None and model_dtype != torch.float32:
@@ -154,15 +256,21 @@ class AWQConfig:
                 return None
         return None
 
-    def shrink_ratios(self) -> list[float]:
-        """Clip candidates: 1.0, 1 - 1/clip_grid, ... while above ``max_shrink`` (1 - max_shrink of the range)."""
-        n = self.clip_grid
-        return [1.0 - i / n for i in range(n) if 1.0 - i / n > self.max_shrink + 1e-9]
-
+    # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AWQConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """From :meth:`to_dict`, or from the flat dict older plans stored."""
+        if "weights" not in d:
+            known = set(FLAT_FIELDS) | {"method", "clip", "quantize_head"}
+            return cls.of(**{k: v for k, v in d.items() if k in known})
+        parts = {"weights": QuantSpec, "scales": ScaleSearch, "clip": ClipSearch, "runtime": Runtime}
+        kw = {}
+        for name, part in parts.items():
+            v = d.get(name)
+            kw[name] = None if v is None else part(**{f.name: v[f.name] for f in fields(part) if f.name in v})
+        return cls(**kw, quantize_head=bool(d.get("quantize_head", False)))
+
+

@@ -41,7 +41,7 @@ def llama():
 def test_callers_model_and_graph_untouched(llama):
     m, gm = llama
     snap = _snapshot(m, gm)
-    q = apply_awq_pass(gm, _calib(), AWQConfig(bits=3, group_size=16, propagate="quant"), progress=False)
+    q = apply_awq_pass(gm, _calib(), AWQConfig.of(bits=3, group_size=16, propagate="quant"), progress=False)
     _assert_unchanged(m, gm, snap)
     assert q is not gm
     assert not any(n.op == "call_module" for n in q.graph.nodes)  # observers removed
@@ -52,7 +52,7 @@ def test_callers_model_and_graph_untouched(llama):
 def test_pass_output_compiles_with_inductor(llama):
     """export -> apply_awq_pass -> torch.compile: the pass is one stage of a compile pipeline."""
     _, gm = llama
-    q = apply_awq_pass(gm, _calib(), AWQConfig(bits=4, group_size=16, n_grid=2), progress=False)
+    q = apply_awq_pass(gm, _calib(), AWQConfig.of(bits=4, group_size=16, n_grid=2), progress=False)
     compiled = torch.compile(q, backend="inductor")
     with torch.no_grad():
         torch.testing.assert_close(compiled(token_ids()), q(token_ids()), rtol=1e-4, atol=1e-4)
@@ -65,7 +65,7 @@ def test_pass_output_compiles_with_inductor(llama):
 ])
 def test_bad_config_rejected_before_any_work(bad, llama, monkeypatch):
     with pytest.raises(ValueError):
-        AWQConfig(**bad)
+        AWQConfig.of(**bad)
 
     def boom(*a, **k):
         raise AssertionError("prepare ran before the config was validated")
@@ -77,16 +77,16 @@ def test_bad_config_rejected_before_any_work(bad, llama, monkeypatch):
 
 def test_group_size_larger_than_a_layer_fails_in_prepare(llama):
     with pytest.raises(ValueError, match="group_size 128 is larger than in_features"):
-        prepare(llama[1], AWQConfig(group_size=128))
+        prepare(llama[1], AWQConfig.of(group_size=128))
 
 
 def test_empty_and_too_short_calibration(llama):
     gm = llama[1]
     with pytest.raises(CalibrationError, match="empty"):
-        apply_awq_pass(gm, torch.zeros(0, 16, dtype=torch.long), AWQConfig(group_size=16), progress=False)
+        apply_awq_pass(gm, torch.zeros(0, 16, dtype=torch.long), AWQConfig.of(group_size=16), progress=False)
     with pytest.raises(CalibrationError, match="too short"):
-        apply_awq_pass(gm, torch.zeros(4, 1, dtype=torch.long), AWQConfig(group_size=16), progress=False)
-    obs = prepare(gm, AWQConfig(group_size=16))
+        apply_awq_pass(gm, torch.zeros(4, 1, dtype=torch.long), AWQConfig.of(group_size=16), progress=False)
+    obs = prepare(gm, AWQConfig.of(group_size=16))
     with pytest.raises(CalibrationError, match="empty"):
         calibrate(obs, [], progress=False)
     with pytest.raises(RuntimeError, match="calibrate"):
@@ -98,7 +98,7 @@ def test_nan_activation_names_the_node():
     with torch.no_grad():
         m.model.layers[0].post_attention_layernorm.weight[3] = float("nan")
     gm = awqfx.capture(m)
-    obs = prepare(gm, AWQConfig(group_size=16))
+    obs = prepare(gm, AWQConfig.of(group_size=16))
     group = next(g for g in obs.groups if g.name == "model.layers.0.post_attention_layernorm.weight")
     node = obs.data_of[group.consumers[0].node]
     with pytest.raises(NonFiniteActivationError) as err:
@@ -116,7 +116,7 @@ def test_interrupted_calibration_leaves_graph_untouched(llama):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        apply_awq_pass(gm, batches(), AWQConfig(group_size=16), progress=False)
+        apply_awq_pass(gm, batches(), AWQConfig.of(group_size=16), progress=False)
     _assert_unchanged(m, gm, snap)
 
 
@@ -124,7 +124,7 @@ def test_interrupted_calibration_leaves_graph_untouched(llama):
 def test_plan_round_trip_and_both_appliers(name, tmp_path):
     m = build(name)
     gm = awqfx.capture(m)
-    cfg = AWQConfig(bits=4, group_size=16)
+    cfg = AWQConfig.of(bits=4, group_size=16)
     obs = prepare(gm, cfg)
     calibrate(obs, _calib(), progress=False)
     plan = search(obs, progress=False)
@@ -155,3 +155,35 @@ def test_plan_round_trip_and_both_appliers(name, tmp_path):
         expect = q(ids)
         assert torch.equal(graph_q(ids), expect)
         torch.testing.assert_close(module_q(ids, use_cache=False).logits, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_config_parts_and_flat_names_agree():
+    """AWQConfig is composed of typed parts; the flat names (CLI flags) build the same thing, and
+    both serialisations (nested, and the flat dict older plans stored) round-trip."""
+    from awqfx.config import ClipSearch, Runtime, ScaleSearch
+    from awqfx.quant import QuantSpec
+
+    cfg = AWQConfig.of(bits=3, group_size=64, scale_form="duo", clip="sym", clip_grid=10, loss_samples=4)
+    assert cfg == AWQConfig(QuantSpec(3, 64), ScaleSearch(form="duo"), ClipSearch(mode="sym", grid=10),
+                            Runtime(loss_samples=4))
+    assert AWQConfig.from_dict(cfg.to_dict()) == cfg == AWQConfig.from_dict(cfg.flat())
+    assert AWQConfig.of(method="rtn", bits=3) == AWQConfig.rtn(QuantSpec(3)) and AWQConfig.rtn().method == "rtn"
+    assert AWQConfig.of(clip="none").clip is None and AWQConfig.of(clip="none").method == "awq"
+    with pytest.raises(ValueError, match="unknown AWQConfig field"):
+        AWQConfig.of(group=64)
+
+
+def test_clip_only_search_keeps_scales_at_one(llama):
+    """No scale search, clip search on: no group is scaled, every clipped weight gets a range."""
+    from awqfx.config import ClipSearch, Runtime
+    from awqfx.quant import QuantSpec
+
+    cfg = AWQConfig(QuantSpec(4, 16), scales=None, clip=ClipSearch(grid=4, rounds=0), runtime=Runtime(loss_samples=2))
+    obs = prepare(llama[1], cfg)
+    calibrate(obs, _calib(), progress=False)
+    plan = search(obs, progress=False)
+    assert plan.groups == []
+    clipped = {w for w, wp in plan.weights.items() if wp.max_val is not None}
+    assert clipped == set(plan.weights) - set(obs.discovery.attention_qk)
+    rtn = search(obs, AWQConfig.rtn(QuantSpec(4, 16)), progress=False)
+    assert all(wp.max_val is None for wp in rtn.weights.values())

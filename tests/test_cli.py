@@ -83,11 +83,12 @@ def test_compute_dtype_sets_calibration_and_search_precision(flag, expect):
 
     args = build_parser().parse_args(["quantize", "--out", "x", "--compute-dtype", flag])
     cfg = _config_from_args(args)
-    assert (cfg.calib_dtype, cfg.search_dtype) == (expect, expect)
-    assert cfg.clip_skip_qk and not _config_from_args(build_parser().parse_args(["quantize", "--out", "x", "--clip-qk"])).clip_skip_qk
+    assert (cfg.runtime.calib_dtype, cfg.runtime.search_dtype) == (expect, expect)
+    assert cfg.clip.skip_qk and not _config_from_args(build_parser().parse_args(["quantize", "--out", "x", "--clip-qk"])).clip.skip_qk
     c2 = _config_from_args(build_parser().parse_args(["quantize", "--out", "x", "--clip", "sym", "--clip-grid", "40",
                                                       "--clip-rounds", "0"]))
-    assert (c2.clip, c2.clip_grid, c2.clip_rounds) == ("sym", 40, 0)
+    assert (c2.clip.mode, c2.clip.grid, c2.clip.rounds) == ("sym", 40, 0)
+    assert _config_from_args(build_parser().parse_args(["quantize", "--out", "x", "--clip", "none"])).clip is None
 
 
 QUICK = ["--samples", "4", "--seq-len", "16", "--quiet", "--n-grid", "4"]

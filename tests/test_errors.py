@@ -27,7 +27,7 @@ def test_fp16_overflow_during_calibration_names_the_node():
         m.model.layers[0].mlp.up_proj.weight.mul_(3000.0)
         m.model.layers[0].mlp.gate_proj.weight.mul_(3000.0)
     gm = awqfx.capture(m)
-    obs = prepare(gm, AWQConfig(group_size=16))
+    obs = prepare(gm, AWQConfig.of(group_size=16))
     with pytest.raises(NonFiniteActivationError) as err:
         calibrate(obs, _calib(), progress=False)
     msg = str(err.value)
@@ -59,7 +59,7 @@ def _token_ids(batch, seq=8):
 
 def test_static_capture_warns_and_calibration_refuses_other_shapes():
     torch.manual_seed(0)
-    model, calib, cfg = _HeadsLM(specialize=True).eval(), _token_ids(8), AWQConfig(group_size=16)
+    model, calib, cfg = _HeadsLM(specialize=True).eval(), _token_ids(8), AWQConfig.of(group_size=16)
     with pytest.warns(UserWarning, match=r"_HeadsLM could not be exported with a dynamic batch and sequence length"
                                          r".*static in batch = 2 and sequence length = 8.*static_inputs"):
         gm = awqfx.capture(model, example_inputs=(_token_ids(2),))
@@ -77,13 +77,13 @@ def test_dynamic_capture_does_not_warn_and_calibrates_any_shape():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gm = awqfx.capture(model, example_inputs=(_token_ids(2),))
-    observed = calibrate(prepare(gm, AWQConfig(group_size=16)), _token_ids(8, seq=12), progress=False)
+    observed = calibrate(prepare(gm, AWQConfig.of(group_size=16)), _token_ids(8, seq=12), progress=False)
     assert observed.calibration["sequences"] == 8
 
 
 def test_plan_that_does_not_match_the_model():
     llama = build("llama")
-    cfg = AWQConfig(group_size=16, method="rtn")
+    cfg = AWQConfig.of(group_size=16, method="rtn")
     plan = search(prepare(awqfx.capture(llama), cfg), cfg, progress=False)
     with pytest.raises(ValueError, match="the plan names parameters this module does not have"):
         apply_plan(build("gpt2"), plan)
@@ -92,10 +92,10 @@ def test_plan_that_does_not_match_the_model():
 def test_group_size_larger_than_in_features_and_bits_outside_range():
     gm = awqfx.capture(build("llama"))
     with pytest.raises(ValueError, match="group_size"):
-        prepare(gm, AWQConfig(group_size=256))
+        prepare(gm, AWQConfig.of(group_size=256))
     for bits in (1, 9):
         with pytest.raises(ValueError, match="bits"):
-            AWQConfig(bits=bits)
+            AWQConfig.of(bits=bits)
 
 
 def test_nan_weights_are_rejected_with_the_weight_name():
@@ -103,7 +103,7 @@ def test_nan_weights_are_rejected_with_the_weight_name():
     with torch.no_grad():
         m.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
     with pytest.raises(ValueError) as err:  # before any calibration work
-        prepare(awqfx.capture(m), AWQConfig(group_size=16))
+        prepare(awqfx.capture(m), AWQConfig.of(group_size=16))
     assert "model.layers.1.mlp.down_proj.weight" in str(err.value) and "NaN or Inf" in str(err.value)
 
 

@@ -455,7 +455,7 @@ def test_activation_scales_survive_pack_save_load(tmp_path):
     from awqfx.api import AWQConfig, calibrate, prepare, search
 
     model = build("gpt2")
-    cfg = AWQConfig(group_size=32, n_grid=4, loss_samples=2)
+    cfg = AWQConfig.of(group_size=32, n_grid=4, loss_samples=2)
     obs = prepare(awqfx.capture(model), cfg)
     calibrate(obs, torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0)), progress=False)
     plan = search(obs, cfg, progress=False)

@@ -17,7 +17,7 @@ from tiny_models import build, token_ids
 def planned(request):
     model = build(request.param)
     gm = awqfx.capture(model)
-    cfg = AWQConfig(group_size=32, n_grid=4, loss_samples=2)
+    cfg = AWQConfig.of(group_size=32, n_grid=4, loss_samples=2)
     obs = prepare(gm, cfg)
     calibrate(obs, torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0)), progress=False)
     return model, gm, search(obs, cfg, progress=False)

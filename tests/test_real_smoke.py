@@ -27,6 +27,6 @@ def test_awq_beats_rtn_on_the_real_model(real_model):
     quick = dict(bits=3, group_size=64, n_grid=4, loss_samples=1, clip="none")
     with torch.no_grad():
         fp = perplexity(gm, wins, progress=False)
-        rtn = perplexity(apply_awq_pass(gm, None, AWQConfig(**quick, method="rtn"), progress=False), wins, progress=False)
-        awq = perplexity(apply_awq_pass(gm, calib, AWQConfig(**quick), progress=False), wins, progress=False)
+        rtn = perplexity(apply_awq_pass(gm, None, AWQConfig.of(**quick, method="rtn"), progress=False), wins, progress=False)
+        awq = perplexity(apply_awq_pass(gm, calib, AWQConfig.of(**quick), progress=False), wins, progress=False)
     assert fp < awq < rtn, (fp, awq, rtn)

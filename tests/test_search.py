@@ -30,7 +30,7 @@ def _model(name):
 
 def _observed(name, **cfg):
     m, gm = _model(name)
-    config = AWQConfig(**{"bits": 4, "group_size": 16, **cfg})
+    config = AWQConfig.of(**{"bits": 4, "group_size": 16, **cfg})
     obs = prepare(gm, config)
     calibrate(obs, _calib(), progress=False)
     return m, gm, obs, config
@@ -55,8 +55,8 @@ def test_awq_loss_never_worse_than_rtn_per_group(name):
 def test_runnable_and_8bit_close_to_fp():
     _, gm = _model("llama")
     ids = token_ids()
-    q8 = apply_awq_pass(gm, _calib(), AWQConfig(bits=8, group_size=16), progress=False)
-    q4 = apply_awq_pass(gm, _calib(), AWQConfig(bits=4, group_size=16), progress=False)
+    q8 = apply_awq_pass(gm, _calib(), AWQConfig.of(bits=8, group_size=16), progress=False)
+    q4 = apply_awq_pass(gm, _calib(), AWQConfig.of(bits=4, group_size=16), progress=False)
     with torch.no_grad():
         ref, o8, o4 = gm(ids), q8(ids), q4(ids)
     assert o8.shape == ref.shape and torch.isfinite(o8).all()
@@ -78,7 +78,7 @@ def test_folding_alone_is_exact():
 
 def test_region_module_reproduces_the_graph():
     _, gm = _model("llama")
-    obs = prepare(gm, AWQConfig(group_size=16))
+    obs = prepare(gm, AWQConfig.of(group_size=16))
     ids = token_ids()
     values = {}
 
@@ -104,14 +104,14 @@ def test_scale_form_both_is_at_least_as_good_on_the_first_group():
     _, gm, obs, cfg = _observed("llama")
     first = {}
     for form in ("x", "duo", "both"):
-        plan = search(obs, AWQConfig(bits=4, group_size=16, scale_form=form), progress=False)
+        plan = search(obs, AWQConfig.of(bits=4, group_size=16, scale_form=form), progress=False)
         first[form] = plan.groups[0].info["loss"]  # the first group sees identical inputs in every run
     assert first["both"] <= min(first["x"], first["duo"])
 
 
 def test_propagate_quant_and_sym_clip_run():
     _, gm, obs, _ = _observed("llama")
-    cfg = AWQConfig(bits=3, group_size=16, propagate="quant", clip="sym")
+    cfg = AWQConfig.of(bits=3, group_size=16, propagate="quant", clip="sym")
     plan = search(obs, cfg, progress=False)
     for g in plan.groups:
         assert g.info["loss"] <= g.info["loss_identity"]
@@ -186,10 +186,10 @@ def test_minmax_clip_shrinks_max_and_min_separately():
 
 def test_ragged_groups_and_rtn_method():
     _, gm = _model("llama")  # hidden 64, intermediate 96: group 48 leaves ragged groups of 16 / 48
-    q = apply_awq_pass(gm, _calib(), AWQConfig(bits=4, group_size=48), progress=False)
+    q = apply_awq_pass(gm, _calib(), AWQConfig.of(bits=4, group_size=48), progress=False)
     with torch.no_grad():
         assert torch.isfinite(q(token_ids())).all()
-    rtn = apply_awq_pass(gm, None, AWQConfig(bits=4, group_size=48, method="rtn"), progress=False)
+    rtn = apply_awq_pass(gm, None, AWQConfig.of(bits=4, group_size=48, method="rtn"), progress=False)
     plan = rtn.meta["awqfx_plan"]
     assert plan.groups == [] and all(wp.max_val is None for wp in plan.weights.values())
     # RTN is exactly per-weight fake quantization with the spec.
@@ -216,9 +216,9 @@ def test_single_linear_regions_use_the_gram_form_with_the_same_losses(monkeypatc
 
 def test_bf16_autocast_search_keeps_awq_at_or_below_rtn():
     _, _, obs, _ = _observed("llama")
-    plan = search(obs, AWQConfig(bits=4, group_size=16, search_dtype="bfloat16"), progress=False)
+    plan = search(obs, AWQConfig.of(bits=4, group_size=16, search_dtype="bfloat16"), progress=False)
     assert all(g.info["loss"] <= g.info["loss_identity"] for g in plan.groups)
-    assert AWQConfig(calib_dtype="auto").resolved_dtype("calib", "cpu") in (None, "bfloat16")
+    assert AWQConfig.of(calib_dtype="auto").resolved_dtype("calib", "cpu") in (None, "bfloat16")
 
 
 @pytest.mark.parametrize("propagate", ["fp", "quant"])
@@ -237,7 +237,7 @@ def test_replay_memory_does_not_grow_with_depth(monkeypatch, propagate):
     peaks = {}
     for layers in (2, 6):
         m = build("llama", num_hidden_layers=layers)
-        cfg = AWQConfig(bits=4, group_size=16, n_grid=2, propagate=propagate)
+        cfg = AWQConfig.of(bits=4, group_size=16, n_grid=2, propagate=propagate)
         obs = prepare(awqfx.capture(m), cfg)
         calibrate(obs, _calib(), progress=False)
         held.clear()
@@ -250,7 +250,7 @@ def test_replay_memory_does_not_grow_with_depth(monkeypatch, propagate):
 def test_search_warns_when_fewer_loss_samples_were_recorded(caplog):
     _, _, obs, _ = _observed("llama", loss_samples=2, n_grid=2)
     with caplog.at_level("WARNING", logger="awqfx.search.replay"):
-        search(obs, AWQConfig(bits=4, group_size=16, n_grid=2, loss_samples=4), progress=False)
+        search(obs, AWQConfig.of(bits=4, group_size=16, n_grid=2, loss_samples=4), progress=False)
     assert "loss_samples=4 asked for, 2 available" in caplog.text and "pass the larger value to prepare" in caplog.text
 
 
@@ -259,7 +259,7 @@ def test_autocast_on_a_half_precision_graph():
     assert AWQConfig().resolved_dtype("calib", "cpu", torch.float16) is None
     m = build("llama").to(torch.float16)
     gm = awqfx.capture(m)
-    cfg = AWQConfig(bits=4, group_size=16, n_grid=2, calib_dtype="bfloat16", search_dtype="bfloat16")
+    cfg = AWQConfig.of(bits=4, group_size=16, n_grid=2, calib_dtype="bfloat16", search_dtype="bfloat16")
     q = apply_awq_pass(gm, _calib(), cfg, progress=False)
     assert torch.isfinite(q(token_ids()).float()).all()
 
@@ -267,7 +267,7 @@ def test_autocast_on_a_half_precision_graph():
 def test_loss_sample_is_spread_over_the_calibration_set():
     m, gm = _model("llama")
     calib = _calib(n=12)
-    obs = prepare(gm, AWQConfig(bits=4, group_size=16, loss_samples=3))
+    obs = prepare(gm, AWQConfig.of(bits=4, group_size=16, loss_samples=3))
     calibrate(obs, calib, progress=False)
     (sample,) = [v for v in obs.loss_inputs().values() if isinstance(v, torch.Tensor)]
     assert torch.equal(sample, calib[[0, 6, 11]])  # first, middle and last sequence, not the first three

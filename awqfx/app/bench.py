@@ -22,6 +22,7 @@ from awqfx.app.jobs import dir_size
 from awqfx.apply import apply_plan
 from awqfx.capture import capture
 from awqfx.config import AWQConfig
+from awqfx.quant import QuantSpec
 from awqfx.export import save_quantized
 from awqfx.packed_model import fp_weight_bytes, packed_weight_bytes
 
@@ -67,7 +68,7 @@ def run_bench(model_path: str | None, bits: int = 4, group_size: int = 64, promp
               new_tokens: int = 32, repeats: int = 3, device: str = "cpu") -> dict[str, Any]:
     model, _ = assets.load_model(model_path)
     model = model.float().eval()
-    cfg = AWQConfig(bits=bits, group_size=group_size, method="rtn")
+    cfg = AWQConfig.rtn(QuantSpec(bits, group_size))
     plan = search(prepare(capture(model), cfg), cfg, progress=False)
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     variants = {

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -112,7 +113,7 @@ def _config_from_args(args: argparse.Namespace, **over):
               method=getattr(args, "method", "awq"), **_search_kwargs(args))
     kw.update(over)
     try:
-        return AWQConfig(**kw)
+        return AWQConfig.of(**kw)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -199,7 +200,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _quant_flags(p: argparse.ArgumentParser, group_size: int, multi_bits: bool = False) -> None:
-    d = AWQConfig()  # flag defaults are the library's (measured) defaults
+    d = SimpleNamespace(**AWQConfig().flat())  # flag defaults are the library's (measured) defaults
     g = p.add_argument_group("quantization")
     if multi_bits:
         g.add_argument("--bits", default="3,4", help="comma-separated weight bit widths, each 2..8 (default 3,4)")

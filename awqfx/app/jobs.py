@@ -65,19 +65,19 @@ def check_format(fmt: str, cfg: AWQConfig, in_features: dict[str, int], scale_no
         raise ValueError(f"--format {fmt} cannot store AWQ scale nodes after activations (found after "
                          f"{', '.join(scale_nodes[:3])}): their loaders would silently drop them. Use --format awqfx.")
     if fmt == "autoawq":
-        if cfg.bits != 4:
-            raise ValueError(f"--format autoawq stores 4-bit weights only (got --bits {cfg.bits}); use --format awqfx")
-        bad = {n: k for n, k in in_features.items() if cfg.group_size != -1 and k % cfg.group_size}
+        if cfg.weights.bits != 4:
+            raise ValueError(f"--format autoawq stores 4-bit weights only (got --bits {cfg.weights.bits}); use --format awqfx")
+        bad = {n: k for n, k in in_features.items() if cfg.weights.group_size != -1 and k % cfg.weights.group_size}
         if bad:
             name, k = next(iter(bad.items()))
             raise ValueError(f"--format autoawq needs in_features divisible by the group size: {name} has {k} inputs, "
-                             f"not a multiple of {cfg.group_size}. Use --group-size 64 or 32, or --format awqfx.")
+                             f"not a multiple of {cfg.weights.group_size}. Use --group-size 64 or 32, or --format awqfx.")
     if fmt == "compressed-tensors":
-        bad = {n: k for n, k in in_features.items() if cfg.group_size != -1 and k % cfg.group_size}
+        bad = {n: k for n, k in in_features.items() if cfg.weights.group_size != -1 and k % cfg.weights.group_size}
         if bad:
             name, k = next(iter(bad.items()))
             raise ValueError(f"--format compressed-tensors cannot store a ragged last group: {name} has {k} inputs, "
-                             f"not a multiple of {cfg.group_size}. Use a group size dividing {k}, or --format awqfx.")
+                             f"not a multiple of {cfg.weights.group_size}. Use a group size dividing {k}, or --format awqfx.")
 
 
 def quantize_model(
@@ -103,25 +103,25 @@ def quantize_model(
     n_params = sum(p.numel() for p in model.parameters())
     rep.facts["model"] = f"{type(model).__name__} ({n_params / 1e6:.1f}M parameters)"
     with rep.stage("calibration text"):
-        calib = assets.calibration_samples(tok, samples, seq_len, source=calib_source) if cfg.method == "awq" else None
+        calib = assets.calibration_samples(tok, samples, seq_len, source=calib_source) if cfg.needs_calibration else None
     if calib is not None:
         rep.facts["calibration"] = f"{calib.shape[0]} x {calib.shape[1]} tokens"
     with rep.stage("capture + discover"):
         # a model that exports only with static shapes is captured at the calibration batch shape
-        gm = capture(model, static_inputs=None if calib is None else (calib[: cfg.batch_size],))
+        gm = capture(model, static_inputs=None if calib is None else (calib[: cfg.runtime.batch_size],))
         observed = prepare(gm, cfg)
     d = observed.discovery
     rep.facts["scale groups"] = f"{len(d.groups)} found, {len(d.rejected)} rejected candidates"
     in_features = {w: int(observed.gm.get_parameter(w).shape[observed.linears[w][2]])
                    for w in d.quantizable if w in observed.linears}
     check_format(fmt, cfg, in_features, [g.producer.node for g in observed.groups if g.producer.kind == "activation"])
-    if cfg.method == "awq":
+    if cfg.needs_calibration:
         with rep.stage("calibrate"):
             calibrate(observed, calib, progress=progress)
     with rep.stage("search"):
         plan = search(observed, cfg, progress=progress)
-    rep.facts["quantized weights"] = f"{len(plan.weights)} ({cfg.bits}-bit, group {cfg.group_size}, " \
-                                     f"{'symmetric' if cfg.symmetric else 'asymmetric'})"
+    rep.facts["quantized weights"] = f"{len(plan.weights)} ({cfg.weights.bits}-bit, group {cfg.weights.group_size}, " \
+                                     f"{'symmetric' if cfg.weights.symmetric else 'asymmetric'})"
     with rep.stage("pack"):
         packed = apply_plan(model, plan, weights="packed")
     with rep.stage("save"), tempfile.TemporaryDirectory() as tmp:
@@ -172,10 +172,10 @@ def compare_methods(
         for m in methods:
             if m == "fp":
                 continue
-            cfg = AWQConfig(**{**(base_config or {}), "bits": b, "group_size": group_size, "method": m})
+            cfg = AWQConfig.of(**{**(base_config or {}), "bits": b, "group_size": group_size, "method": m})
             t0 = time.perf_counter()
             if observed is None:
-                observed = prepare(gm, AWQConfig(**{**cfg.to_dict(), "method": "awq"}))
+                observed = prepare(gm, cfg.with_(method="awq"))
                 if "awq" in methods:
                     calibrate(observed, assets.calibration_samples(tok, samples, seq_len, source=calib_source),
                               progress=progress)

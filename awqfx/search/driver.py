@@ -92,23 +92,24 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     Neither the observed graph nor the caller's model is modified.
     """
     cfg = config or observed.config
-    if cfg.method == "rtn":
+    if cfg.scales is None and cfg.clip is None:
         return rtn_plan(observed, cfg)
     _check_calibrated(observed)
     t_start = time.perf_counter()
     spec = cfg.spec
     weights = weight_plans(observed, cfg)
-    groups = [g for g in observed.groups if any(c.quantize and c.weight in weights for c in g.consumers)]
-    device = torch.device(cfg.device) if cfg.device else next(iter(observed.gm.parameters())).device
+    groups = [g for g in observed.groups if cfg.scales is not None
+              and any(c.quantize and c.weight in weights for c in g.consumers)]
+    device = torch.device(cfg.runtime.device or next(iter(observed.gm.parameters())).device)
     work, input_attrs = _working_copy(observed, groups, device)
     by_name = {n.name: n for n in work.graph.nodes}
     lin_node = {w: by_name[observed.linears[w][0]] for w in weights}
     data_node = {w: linear_op(work, n).data for w, n in lin_node.items()}  # after the input scales
 
-    qk = set(observed.discovery.attention_qk) if cfg.clip_skip_qk else set()
-    clip_set = set() if cfg.clip == "none" else {
-        w for w in weights if w not in qk and get_param(work, w).dim() == 2}
-    quant_mode = cfg.propagate == "quant"
+    clip = cfg.clip
+    qk = set(observed.discovery.attention_qk) if clip is not None and clip.skip_qk else set()
+    clip_set = set() if clip is None else {w for w in weights if w not in qk and get_param(work, w).dim() == 2}
+    quant_mode = cfg.scales is not None and cfg.scales.propagate == "quant"
     task_weights = {w: lin_node[w] for w in weights if w in clip_set or quant_mode}
     regions = {gi: extract_region(work, g) for gi, g in enumerate(groups)}
     requires = {("scale", gi): list(r.env_nodes) for gi, r in regions.items()}
@@ -118,8 +119,8 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
         changes.update({("weight", w): {w} for w in task_weights})
     sched = schedule_tasks(work, groups, task_weights, requires, changes)
 
-    sample = loss_sample(observed, cfg.loss_samples)
-    stream = Replay(work, chunk_sample(sample, cfg.batch_size, device), sched.needed_until, sched.last_change,
+    sample = loss_sample(observed, cfg.runtime.loss_samples)
+    stream = Replay(work, chunk_sample(sample, cfg.runtime.batch_size, device), sched.needed_until, sched.last_change,
                     sched.last_use)
     scale_of: dict[int, torch.Tensor] = {}
     infos: dict[int, dict] = {}
@@ -146,14 +147,14 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
                     stream.pinned = {data_node[w]}
                     xs = [v.reshape(-1, v.shape[-1]) for v in stream.values(data_node[w])]
                     x = torch.cat(xs, 0) if len(xs) > 1 else xs[0]
-                    x = x[:: max(1, x.shape[0] // cfg.clip_tokens)][: cfg.clip_tokens]
+                    x = x[:: max(1, x.shape[0] // clip.tokens)][: clip.tokens]
                     wr = rows_view(get_param(work, w).detach(), in_dim).float()
-                    ratio_of[w] = search_clip(wr, x, spec, cfg.clip, cfg.shrink_ratios(), cfg.clip_rounds).cpu()
+                    ratio_of[w] = search_clip(wr, x, spec, clip.mode, clip.shrink_ratios(), clip.rounds).cpu()
                     clip_tokens[w] = x.shape[0]
                     del x, xs
                 if quant_mode:
                     cur = get_param(work, w)
-                    hi, lo = absolute_clip(cur, in_dim, spec, ratio_of[w], cfg.clip) if w in ratio_of else (None, None)
+                    hi, lo = absolute_clip(cur, in_dim, spec, ratio_of[w], clip.mode) if w in ratio_of else (None, None)
                     set_param(work, w, fake_quantize_param(cur, in_dim, spec, hi, lo))
                     stream.invalidate({w})
                 t_clip += time.perf_counter() - t0
@@ -171,9 +172,9 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
         final = work
     for w, r in ratio_of.items():
         wp = weights[w]
-        wp.max_val, wp.min_val = absolute_clip(get_param(final, w), wp.in_dim, spec, r, cfg.clip)
-        wp.info = {"clip": cfg.clip, "mean_ratio": float(r.mean()), "clip_tokens": clip_tokens[w],
-                   "clip_rounds": cfg.clip_rounds}
+        wp.max_val, wp.min_val = absolute_clip(get_param(final, w), wp.in_dim, spec, r, clip.mode)
+        wp.info = {"clip": clip.mode, "mean_ratio": float(r.mean()), "clip_tokens": clip_tokens[w],
+                   "clip_rounds": clip.rounds}
     replay_s, replayed = stream.seconds, stream.nodes_run
     del stream, regions, work, final
     release_memory()

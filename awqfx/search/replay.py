@@ -35,7 +35,7 @@ def loss_sample(observed: ObservedGraph, loss_samples: int) -> dict[str, Any]:
         raise RuntimeError("no loss sample was recorded (the graph has no tensor inputs?)")
     n_rows = first.shape[0]
     if n_rows < loss_samples:
-        recorded = observed.config.loss_samples
+        recorded = observed.config.runtime.loss_samples
         why = (f"prepare recorded only {recorded} (its config's loss_samples); pass the larger value to prepare"
                if recorded < loss_samples else f"calibration had only {n_rows} sequences")
         log.warning("search: loss_samples=%d asked for, %d available: %s", loss_samples, n_rows, why)

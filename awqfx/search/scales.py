@@ -68,11 +68,11 @@ def candidates(cfg: AWQConfig, g: ScaleGroup, x_mean: torch.Tensor, w_mean: torc
     C = g.producer.num_channels
     ch = g.channels
     x = x_mean[ch]
-    forms = ["x", "duo"] if cfg.scale_form == "both" else [cfg.scale_form]
+    forms = ["x", "duo"] if cfg.scales.form == "both" else [cfg.scales.form]
     out = [("identity", "identity", None, torch.ones(C))]
     for form in forms:
-        for i in range(cfg.n_grid):
-            a = i / cfg.n_grid
+        for i in range(cfg.scales.n_grid):
+            a = i / cfg.scales.n_grid
             if form == "x":
                 if i == 0:
                     continue  # x_mean^0 = 1: the identity
@@ -160,7 +160,7 @@ def search_group(observed: ObservedGraph, work: fx.GraphModule, reg: Region, g: 
     region inputs) and what was tried: ``(scale, info)``."""
     spec = cfg.spec
     x_mean = channel_x_mean(observed, g)
-    w_mean = channel_w_mean(work, g, spec) if cfg.scale_form in ("duo", "both") else None
+    w_mean = channel_w_mean(work, g, spec) if cfg.scales.form in ("duo", "both") else None
     cands = candidates(cfg, g, x_mean, w_mean)
     lone = single_linear(work, reg, g)
     if lone is not None:
@@ -169,7 +169,7 @@ def search_group(observed: ObservedGraph, work: fx.GraphModule, reg: Region, g: 
         losses = _losses(reg, g, params, envs, cands, spec, device)
     # s = 1 is always evaluated (the RTN loss); it competes when asked to, and in form "x",
     # whose grid point alpha = 0 it is.
-    id_ok = cfg.include_identity or cfg.scale_form in ("x", "both")
+    id_ok = cfg.scales.include_identity or cfg.scales.form in ("x", "both")
     allowed = [i for i, (lab, *_rest) in enumerate(cands) if id_ok or lab != "identity"]
     best = min(allowed, key=lambda i: (losses[i], i))
     label, form, alpha, s_best = cands[best]
