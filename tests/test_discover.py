@@ -1,4 +1,4 @@
-"""Discovery on 15 architectures: exact groups, fold equivalence, negative controls, front-ends.
+"""Discovery on 19 architectures: exact groups, fold equivalence, negative controls, front-ends.
 
 The expected groups below are the contract documented in docs/architectures.md. Notation:
 ``kind producer[channels] -> consumers``; ``xN`` = each producer channel feeds N consumer
@@ -156,6 +156,32 @@ EXPECTED = {
         "linear model.layers.1.mlp.experts.gate_up_proj[32:64] -> model.layers.1.mlp.experts.down_proj",
         "norm model.norm.weight[0:64] -> lm_head.weight(noquant)",
     ],
+    "granite": LLAMA_LIKE,  # logits_scaling: lm_head is still the head
+    "cohere": [
+        "norm model.layers.0.input_layernorm.weight[0:64] -> model.layers.0.self_attn.q_proj.weight model.layers.0.self_attn.k_proj.weight model.layers.0.self_attn.v_proj.weight model.layers.0.mlp.gate_proj.weight model.layers.0.mlp.up_proj.weight",
+        "linear model.layers.0.self_attn.v_proj.weight[0:32] -> model.layers.0.self_attn.o_proj.weightx2",
+        "linear model.layers.0.mlp.up_proj.weight[0:96] -> model.layers.0.mlp.down_proj.weight",
+        "norm model.layers.1.input_layernorm.weight[0:64] -> model.layers.1.self_attn.q_proj.weight model.layers.1.self_attn.k_proj.weight model.layers.1.self_attn.v_proj.weight model.layers.1.mlp.gate_proj.weight model.layers.1.mlp.up_proj.weight",
+        "linear model.layers.1.self_attn.v_proj.weight[0:32] -> model.layers.1.self_attn.o_proj.weightx2",
+        "linear model.layers.1.mlp.up_proj.weight[0:96] -> model.layers.1.mlp.down_proj.weight",
+    ],  # parallel attention + MLP on one norm; tied head
+    "olmo2": [
+        "linear model.layers.0.self_attn.v_proj.weight[0:32] -> model.layers.0.self_attn.o_proj.weightx2",
+        "linear model.layers.0.mlp.up_proj.weight[0:96] -> model.layers.0.mlp.down_proj.weight",
+        "linear model.layers.1.self_attn.v_proj.weight[0:32] -> model.layers.1.self_attn.o_proj.weightx2",
+        "linear model.layers.1.mlp.up_proj.weight[0:96] -> model.layers.1.mlp.down_proj.weight",
+        "norm model.norm.weight[0:64] -> lm_head.weight(noquant)",
+    ],  # post-norms (blocked by the residual), q/k norms over all heads
+    "starcoder2": [
+        "norm model.layers.0.input_layernorm.weight[0:64] -> model.layers.0.self_attn.q_proj.weight model.layers.0.self_attn.k_proj.weight model.layers.0.self_attn.v_proj.weight",
+        "linear model.layers.0.self_attn.v_proj.weight[0:32] -> model.layers.0.self_attn.o_proj.weightx2",
+        "norm model.layers.0.post_attention_layernorm.weight[0:64] -> model.layers.0.mlp.c_fc.weight",
+        "activation gelu[0:96] -> model.layers.0.mlp.c_proj.weight",
+        "norm model.layers.1.input_layernorm.weight[0:64] -> model.layers.1.self_attn.q_proj.weight model.layers.1.self_attn.k_proj.weight model.layers.1.self_attn.v_proj.weight",
+        "linear model.layers.1.self_attn.v_proj.weight[0:32] -> model.layers.1.self_attn.o_proj.weightx2",
+        "norm model.layers.1.post_attention_layernorm.weight[0:64] -> model.layers.1.mlp.c_fc.weight",
+        "activation gelu_1[0:96] -> model.layers.1.mlp.c_proj.weight",
+    ],
 }
 EXPECTED["gemma3"] = EXPECTED["gemma2"]  # sandwich norms; its q/k norms are blocked
 
@@ -179,14 +205,14 @@ def logits(fn, ids):
     return out.logits if hasattr(out, "logits") else out
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHITECTURES + EXTRA_ARCHITECTURES)
 def test_groups_exact(arch, captured):
     _, gm = captured(arch)
     found = [summarize(g) for g in discover(gm).groups]
     assert found == EXPECTED[arch]
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHITECTURES + EXTRA_ARCHITECTURES)
 def test_fold_random_scales_keeps_logits(arch, captured):
     model, gm = captured(arch)
     ids = token_ids(batch=2, seq=12)
