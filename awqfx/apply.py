@@ -12,8 +12,9 @@ A plan (plain data keyed by parameter FQN, :mod:`awqfx.plan`) applies the same w
 
 ``weights``: ``"fake"`` (quantize -> dequantize, float weights), ``"packed"`` (integer codes and
 the int4 kernels) or ``"float"`` (fold only: e.g. to read integers with
-:meth:`AWQPlan.quantized_weight`). 3-D MoE expert weights have no packed kernel and stay
-fake-quantized floats under ``"packed"``.
+:meth:`AWQPlan.quantized_weight`). Under ``"packed"``, 3-D MoE expert weights of a module tree
+become :class:`~awqfx.packed_experts.PackedExperts`; a graph reads them as parameters, so there
+they stay fake-quantized floats.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from awqfx.packed_experts import pack_experts
 from awqfx.packed_model import pack_model
 from awqfx.params import fold_parameters, full_scale, get_param, has_param
 from awqfx.passes.fold import fold_scales
@@ -107,12 +109,14 @@ def apply_plan(target: nn.Module, plan: AWQPlan, weights: str = "fake", inplace:
         quantize_linears(out, plan.weights)
     elif weights == "packed":
         flat = {n: wp for n, wp in plan.weights.items() if get_param(out, n).dim() == 2}
-        quantize_linears(out, {n: wp for n, wp in plan.weights.items() if n not in flat})  # MoE experts
+        experts = {n: wp for n, wp in plan.weights.items() if n not in flat}
         if graph:
+            quantize_linears(out, experts)  # the graph reads expert weights as parameters: fake-quantized
             pack_linears(out, plan, backend=backend)
         else:
-            qweights = {n: plan.quantized_weight(out, n) for n in flat}
-            pack_model(out, qweights, in_dims={n: wp.in_dim for n, wp in flat.items()}, backend=backend)
+            in_dims = {n: wp.in_dim for n, wp in plan.weights.items()}
+            pack_experts(out, {n: plan.quantized_weight(out, n) for n in experts}, in_dims)
+            pack_model(out, {n: plan.quantized_weight(out, n) for n in flat}, in_dims=in_dims, backend=backend)
     if graph:
         out.recompile()
     return out

@@ -47,27 +47,31 @@ def insert_input_scales(gm: fx.GraphModule, scales: Mapping[str, torch.Tensor]) 
                               "(was the plan made for another model?)")
     attrs: dict[str, str] = {}
     for w, nodes in sites.items():
-        attr = input_scale_attr(w)
-        for node in nodes:
-            data = linear_op(gm, node).data
-            if data.op == "call_function" and data.args[1:2] and getattr(data.args[1], "target", None) == attr:
-                continue  # already scaled: only the buffer changes
-            width = shape_of(data)[-1] if shape_of(data) else None
+        attr = attrs[w] = input_scale_attr(w)
+        unscaled = [n for n in nodes if not _reads_scaled_input(gm, n, attr)]
+        for node in unscaled:
+            width = (shape_of(linear_op(gm, node).data) or (None,))[-1]
             if width != scales[w].numel():
                 raise InputScaleError(f"input scale of {w} has {scales[w].numel()} entries but its linear op "
                                       f"{node.name} reads {width} input channels")
-            val = example_value(data)
-            dtype = getattr(val, "dtype", torch.float32)
-            device = getattr(val, "device", torch.device("cpu"))
-            if not hasattr(gm, attr):
-                gm.register_buffer(attr, scales[w].detach().to(device=device, dtype=dtype))
+        like = getattr(gm, attr, None)
+        if like is None:
+            like = example_value(linear_op(gm, nodes[0]).data)
+        gm.register_buffer(attr, scales[w].detach().to(device=getattr(like, "device", "cpu"),
+                                                       dtype=getattr(like, "dtype", torch.float32)))
+        for node in unscaled:
+            data = linear_op(gm, node).data
             with gm.graph.inserting_before(node):
                 buf = gm.graph.get_attr(attr)
                 scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (data, buf))
             buf.meta["val"] = getattr(gm, attr)
             scaled.meta = dict(data.meta)
             node.replace_input_with(data, scaled)
-        gm.register_buffer(attr, scales[w].detach().to(device=getattr(gm, attr).device, dtype=getattr(gm, attr).dtype))
-        attrs[w] = attr
     gm.recompile()
     return attrs
+
+
+def _reads_scaled_input(gm: fx.GraphModule, node: fx.Node, attr: str) -> bool:
+    """The linear op already reads ``mul(x, <attr>)``: only the buffer needs to change."""
+    data = linear_op(gm, node).data
+    return data.op == "call_function" and len(data.args) == 2 and getattr(data.args[1], "target", None) == attr
