@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from awqfx.calibrate import CalibrationError, calibrate, iter_batches
-from awqfx.config import AWQConfig
+from awqfx.config import AWQConfig, ConfigError
 from awqfx.observe import NonFiniteActivationError, ObservedGraph, insert_observers, release_memory
 from awqfx.plan import AWQPlan, apply_plan
 from awqfx.search import move_to, search, shallow_copy
@@ -57,8 +57,8 @@ def prepare(gm: nn.Module, config: AWQConfig | Mapping | None = None) -> Observe
     copy of the weights.
 
     ``gm``: a captured GraphModule (``awqfx.capture``); an ``nn.Module`` is captured first.
-    Raises ``ValueError`` when the config does not fit the model (e.g. a group size larger than a
-    layer's input features) before any calibration work.
+    Raises :class:`~awqfx.config.ConfigError` (a ``ValueError``) when the config does not fit the
+    model (e.g. a group size larger than a layer's input features) before any calibration work.
     """
     from passes.discover import discover
 
@@ -80,7 +80,7 @@ def prepare(gm: nn.Module, config: AWQConfig | Mapping | None = None) -> Observe
             try:
                 spec.validate(shape[observed.linears[w][2]])
             except ValueError as e:
-                raise ValueError(f"{w} (shape {tuple(shape)}): {e}") from None
+                raise ConfigError(f"{w} (shape {tuple(shape)}): {e}") from None
     if cfg.device is not None:
         move_to(work, cfg.device)
     observed.timings["prepare_s"] = time.perf_counter() - t0

@@ -127,6 +127,8 @@ def _check_device(device: str | None) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from awqfx.config import ConfigError
+    from awqfx.formats import FormatError
     from awqfx.workflow import quantize_model
 
     _model_kind(args.model)
@@ -144,15 +146,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         rep = quantize_model(args.model, args.out, cfg, fmt=args.format, calib_source=args.calib, samples=args.samples,
                              seq_len=args.seq_len, eval_file=args.eval, eval_windows=args.eval_windows,
                              overwrite=args.overwrite, progress=not args.quiet)
-    except ValueError as e:
-        if str(e).startswith("--format"):
-            raise UsageError(str(e)) from None
-        raise
+    except (ConfigError, FormatError) as e:
+        raise UsageError(str(e)) from None
     print("\nawqfx quantize: done\n" + rep.table())
     return EXIT_OK
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from awqfx.config import ConfigError
     from awqfx.workflow import compare_methods, plot_results
 
     _model_kind(args.model)
@@ -176,10 +177,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--text {args.text!r} is not a file")
     else:
         text = Path(args.text).read_text(encoding="utf-8", errors="replace")
-    res = compare_methods(args.model, text, bits, args.group_size, methods, max_windows=args.max_windows,
-                          seq_len=args.seq_len, samples=args.samples, calib_source=args.calib,
-                          base_config=_search_kwargs(args),
-                          progress=not args.quiet)
+    try:
+        res = compare_methods(args.model, text, bits, args.group_size, methods, max_windows=args.max_windows,
+                              seq_len=args.seq_len, samples=args.samples, calib_source=args.calib,
+                              base_config=_search_kwargs(args), progress=not args.quiet)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
     print(f"\nperplexity on {res['windows']} windows x {res['seq_len']} tokens, group size {res['group_size']}\n")
     rows = [[r["method"], r["bits"], f"{r['ppl']:.3f}",
              f"{r['gap_recovered']:.1%}" if "gap_recovered" in r else "",

@@ -10,13 +10,17 @@ from typing import Any
 
 from awqfx.quant import QuantSpec
 
-__all__ = ["AWQConfig"]
+__all__ = ["AWQConfig", "ConfigError"]
 
 _SCALE_FORMS = ("x", "duo", "both")
 _CLIPS = ("asym", "minmax", "sym", "none")
 _PROPAGATE = ("fp", "quant")
 _METHODS = ("awq", "rtn")
 _AUTOCAST = ("auto", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """The config does not fit the model (e.g. a group size larger than a layer's inputs)."""
 
 
 @dataclass

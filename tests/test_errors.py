@@ -65,3 +65,41 @@ def test_cli_runtime_failure_is_exit_1_with_one_paragraph(tmp_path, capsys):
     assert main(["inspect", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("awqfx: ") and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_quantized_tied_head_is_refused_before_calibration(tmp_path, monkeypatch):
+    """quantize_head on a model whose head is tied to the embeddings: no format can store a packed
+    tied head, so quantize_model refuses right after discovery, naming lm_head."""
+    import awqfx.api
+    from awqfx.formats import FormatError
+    from awqfx.workflow import quantize_model
+    from tiny_models import save_model_dir
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("calibration or search was reached: the refusal came too late")
+
+    monkeypatch.setattr(awqfx.api, "calibrate", too_late)
+    monkeypatch.setattr(awqfx.api, "search", too_late)
+    save_model_dir(tmp_path / "model", "llama", tie_word_embeddings=True)
+    cfg = AWQConfig(group_size=32, quantize_head=True)
+    with pytest.raises(FormatError, match=r"layer lm_head\.weight .* is tied"):
+        quantize_model(str(tmp_path / "model"), str(tmp_path / "q"), cfg, samples=2, seq_len=16, progress=False)
+    assert not (tmp_path / "q").exists()
+
+
+def test_workflow_imports_without_the_posix_resource_module(monkeypatch):
+    """``resource`` is POSIX-only: without it awqfx.workflow still imports and the report says n/a."""
+    import importlib
+    import sys
+
+    import awqfx.workflow
+
+    monkeypatch.setitem(sys.modules, "resource", None)  # `import resource` now raises ImportError
+    try:
+        workflow = importlib.reload(awqfx.workflow)
+        assert workflow.peak_rss_mb() is None
+        assert "peak memory (RSS)  n/a" in workflow.Report().table()
+    finally:
+        monkeypatch.undo()
+        importlib.reload(awqfx.workflow)
+    assert awqfx.workflow.peak_rss_mb() > 0

@@ -1,4 +1,4 @@
-"""Bit packing and foreign layouts (awqfx.packing): exact round trips and independent checks.
+"""Bit packing (awqfx.packing) and foreign layouts (awqfx.formats): exact round trips and independent checks.
 
 Hypothesis example counts are modest by default so the file runs in seconds;
 set AWQFX_HYPOTHESIS_EXAMPLES to raise them.
@@ -11,17 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from awqfx.packing import (
-    AWQ_ORDER,
-    compressed_tensors_config,
-    from_autoawq_gemm,
-    from_compressed_tensors,
-    pack_int32,
-    packed_length,
-    to_autoawq_gemm,
-    to_compressed_tensors,
-    unpack_int32,
-)
+from awqfx.formats.autoawq import AWQ_ORDER, from_autoawq_gemm, to_autoawq_gemm
+from awqfx.formats.compressed_tensors import compressed_tensors_config, from_compressed_tensors, to_compressed_tensors
+from awqfx.packing import pack_int32, packed_length, unpack_int32
 from awqfx.quant import QuantSpec, dequantize, quantize_weight
 
 N_EXAMPLES = int(os.environ.get("AWQFX_HYPOTHESIS_EXAMPLES", "60"))
