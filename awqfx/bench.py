@@ -28,7 +28,7 @@ def resident_bytes(model: nn.Module) -> int:
 
 
 def _disk_bytes(model: nn.Module, packed: bool) -> int:
-    from awqfx.export import save_quantized
+    from awqfx.formats import save_quantized
     from awqfx.workflow import dir_size
 
     with tempfile.TemporaryDirectory() as tmp:
