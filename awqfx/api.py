@@ -22,7 +22,7 @@ import torch.nn as nn
 from awqfx.apply import apply_plan
 from awqfx.calibrate import CalibrationError, calibrate, iter_batches
 from awqfx.capture import capture
-from awqfx.config import AWQConfig
+from awqfx.config import AWQConfig, ConfigError
 from awqfx.graph import linear_table, shallow_copy
 from awqfx.memory import release_memory
 from awqfx.observed import ObservedGraph
@@ -62,8 +62,8 @@ def prepare(gm: nn.Module, config: AWQConfig | Mapping | None = None) -> Observe
     copy of the weights.
 
     ``gm``: a captured GraphModule (``awqfx.capture``); an ``nn.Module`` is captured first.
-    Raises ``ValueError`` when the config does not fit the model (e.g. a group size larger than a
-    layer's input features) before any calibration work.
+    Raises :class:`~awqfx.config.ConfigError` (a ``ValueError``) when the config does not fit the
+    model (e.g. a group size larger than a layer's input features) before any calibration work.
     """
     cfg = _config(config)
     t0 = time.perf_counter()
@@ -83,7 +83,7 @@ def prepare(gm: nn.Module, config: AWQConfig | Mapping | None = None) -> Observe
             try:
                 spec.validate(shape[observed.linears[w][2]])
             except ValueError as e:
-                raise ValueError(f"{w} (shape {tuple(shape)}): {e}") from None
+                raise ConfigError(f"{w} (shape {tuple(shape)}): {e}") from None
     if cfg.runtime.device is not None:
         move_to(work, cfg.runtime.device)
     observed.timings["prepare_s"] = time.perf_counter() - t0
@@ -111,7 +111,7 @@ def _check_calib(calib: Any, cfg: AWQConfig) -> None:
     if not cfg.needs_calibration:
         return
     if calib is None:
-        raise CalibrationError("no calibration data: pass [N, L] token ids (e.g. awqfx.assets.calibration_samples)")
+        raise CalibrationError("no calibration data: pass [N, L] token ids (e.g. awqfx.app.assets.calibration_samples)")
     if isinstance(calib, torch.Tensor):
         iter_batches(calib, cfg.runtime.batch_size)  # raises on empty / wrong shape
         if calib.dim() >= 2 and calib.shape[-1] < 2:

@@ -44,7 +44,7 @@ def iter_batches(calib: Any, batch_size: int) -> Iterable[torch.Tensor]:
                                    "with N >= 1 sequences of L >= 2 tokens")
         return (calib[i : i + batch_size] for i in range(0, calib.shape[0], batch_size))
     if calib is None:
-        raise CalibrationError("no calibration data: pass [N, L] token ids (e.g. awqfx.assets.calibration_samples)")
+        raise CalibrationError("no calibration data: pass [N, L] token ids (e.g. awqfx.app.assets.calibration_samples)")
     return calib
 
 
@@ -160,7 +160,7 @@ def calibrate(observed: ObservedGraph, batches: Any, device: str | torch.device 
     bar.close()
     if seen == 0:
         raise CalibrationError("calibration data is empty: no batch with tokens was given (pass [N, L] token ids, "
-                               "e.g. awqfx.assets.calibration_samples(tokenizer, 128, 512))")
+                               "e.g. awqfx.app.assets.calibration_samples(tokenizer, 128, 512))")
     release_memory()
     observed.timings["calibrate_s"] = observed.timings.get("calibrate_s", 0.0) + time.perf_counter() - t0
     return observed

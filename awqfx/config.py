@@ -20,12 +20,16 @@ import torch
 
 from awqfx.quant import QuantSpec
 
-__all__ = ["AWQConfig", "ScaleSearch", "ClipSearch", "Runtime", "FLAT_FIELDS"]
+__all__ = ["AWQConfig", "ScaleSearch", "ClipSearch", "Runtime", "FLAT_FIELDS", "ConfigError"]
 
 _SCALE_FORMS = ("x", "duo", "both")
 _CLIPS = ("asym", "minmax", "sym")
 _PROPAGATE = ("fp", "quant")
 _AUTOCAST = ("auto", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """The config does not fit the model (e.g. a group size larger than a layer's inputs)."""
 
 
 def _need_int(owner: str, name: str, v: Any, lo: int) -> None:

@@ -2,7 +2,7 @@
 
 This module is the single source of truth for how a float weight becomes
 integers and back. Everything else (the AWQ scale/clip search, the quantized
-modules, the exporters in :mod:`awqfx.packing`) calls into it, so the search
+modules, the exporters in :mod:`awqfx.formats`) calls into it, so the search
 optimises exactly the numbers that end up on disk.
 
 Conventions

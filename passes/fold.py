@@ -10,10 +10,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.fx as fx
-from awqfx.passes.input_scales import insert_input_scales
 
 from awqfx.groups import ScaleGroup
 from awqfx.params import fold_parameters, full_scale, input_scales_of
+from awqfx.passes.input_scales import insert_input_scales
 
 __all__ = ["fold_scales"]
 

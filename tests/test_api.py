@@ -3,15 +3,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import build, calib_ids, token_ids
 
 import awqfx
 import awqfx.api as api
 from awqfx.api import (
-    AWQConfig, AWQPlan, CalibrationError, NonFiniteActivationError, apply_awq_pass, apply_plan, calibrate, convert,
-    prepare, search,
+    AWQConfig,
+    AWQPlan,
+    CalibrationError,
+    NonFiniteActivationError,
+    apply_awq_pass,
+    apply_plan,
+    calibrate,
+    convert,
+    prepare,
+    search,
 )
-from tiny_models import build, calib_ids, token_ids
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 _calib = calib_ids

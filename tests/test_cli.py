@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
+from tiny_models import build, save_model_dir, token_ids
 
 from awqfx.app.cli import main
 from awqfx.apply import apply_plan
 from awqfx.export import PLAN_SUBDIR, load_quantized
 from awqfx.params import get_param
 from awqfx.plan import AWQPlan
-from tiny_models import build, save_model_dir, token_ids
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +156,55 @@ def test_quantize_refuses_bad_input_before_work(tiny_dir, tmp_path, capsys):
     capsys.readouterr()
     # hidden 64 is not a multiple of 48: AutoAWQ cannot store it, refused before calibration
     assert main(["quantize", str(tiny_dir), "--out", str(tmp_path / "c"), "--group-size", "48", "--format", "autoawq"] + QUICK) == 2
-    assert "--format autoawq needs in_features divisible" in capsys.readouterr().err
+    assert "--format autoawq cannot hold this model" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
     assert main(["quantize", str(tiny_dir), "--out", str(tmp_path / "d"), "--calib", "/nonexistent"] + QUICK) == 2
+
+
+@pytest.fixture
+def no_calibration(monkeypatch):
+    """Calibrating or searching fails the test: the refusals below must come before either."""
+    import awqfx.api
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("calibration or search was reached: the refusal came too late")
+
+    monkeypatch.setattr(awqfx.api, "calibrate", too_late)
+    monkeypatch.setattr(awqfx.api, "search", too_late)
+
+
+@pytest.mark.parametrize("arch, overrides, flags, needles", [
+    # tiny llama: hidden 64, so the default group size 128 is larger than every layer's inputs
+    ("llama", {}, [], ["model.layers.0.mlp.down_proj.weight", "group_size 128 is larger than in_features 96"]),
+    ("llama", {}, ["--bits", "3", "--group-size", "32", "--format", "autoawq"],
+     ["layer model.layers.0.self_attn.q_proj.weight", "4-bit weights only, got bits=3"]),
+    # intermediate 68: gate/up have 68 outputs (not a multiple of 8), down_proj 68 inputs (ragged with 32)
+    ("llama", {"intermediate_size": 68}, ["--group-size", "32", "--format", "autoawq"],
+     ["layer model.layers.0.mlp.gate_proj.weight", "out_features % 8 == 0", "got out_features=68",
+      "layer model.layers.1.mlp.down_proj.weight", "ragged last group"]),
+    ("llama", {}, ["--group-size", "48", "--format", "compressed-tensors"],
+     ["layer model.layers.0.self_attn.q_proj.weight", "layer model.layers.1.self_attn.o_proj.weight",
+      "ragged last group", "--group-size 32"]),
+    ("gpt2", {}, ["--group-size", "32", "--format", "compressed-tensors"],
+     ["layer transformer.h.0.mlp.c_fc.weight", "Conv1D", "nn.Linear"]),
+    ("falcon", {}, ["--group-size", "32", "--format", "autoawq"],
+     ["layer transformer.h.0.mlp.dense_4h_to_h.weight", "AWQ scale node"]),
+    ("mixtral", {}, ["--group-size", "32", "--format", "autoawq"],
+     ["layer model.layers.0.mlp.experts.down_proj (shape [4, 64, 96])", "3-D fused MoE expert weight"]),
+], ids=["group-larger-than-inputs", "autoawq-bits", "autoawq-out8-and-ragged", "ct-ragged", "conv1d",
+        "activation-scale", "moe-3d"])
+def test_quantize_refuses_what_the_format_cannot_hold_before_calibration(
+        arch, overrides, flags, needles, tmp_path, capsys, no_calibration):
+    model_dir = tmp_path / "model"
+    save_model_dir(model_dir, arch, **overrides)
+    capsys.readouterr()
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), "--out", str(out)] + flags + QUICK) == 2
+    messages = [line for line in capsys.readouterr().err.splitlines() if line.startswith("awqfx: ")]
+    assert len(messages) == 1 and messages[0].startswith("awqfx: error: ")  # one paragraph, a usage error
+    for needle in needles:
+        assert needle in messages[0]
+    assert not out.exists()
 
 
 def test_quantize_autoawq_and_compressed_tensors_formats(tiny_dir, tmp_path):

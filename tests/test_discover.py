@@ -13,15 +13,14 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from tiny_models import ARCHITECTURES, EXTRA_ARCHITECTURES, build, token_ids
 
 import awqfx
-from awqfx.graph import DATA_MOVEMENT, IDENTITY, op_name, param_name
+from awqfx.graph import DATA_MOVEMENT, IDENTITY, linear_op, op_name, param_name
 from awqfx.groups import Consumer, Producer, ScaleGroup
-from awqfx.graph import linear_op
 from awqfx.passes.discover import DiscoveryError, discover
 from awqfx.passes.fold import fold_scales
 from awqfx.passes.region import extract_region
-from tiny_models import ARCHITECTURES, EXTRA_ARCHITECTURES, build, token_ids
 
 
 def summarize(group: ScaleGroup) -> str:

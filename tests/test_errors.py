@@ -10,11 +10,20 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from tiny_models import build
 
 import awqfx
-from awqfx.api import AWQConfig, CalibrationError, NonFiniteActivationError, apply_awq_pass, apply_plan, calibrate, prepare, search
+from awqfx.api import (
+    AWQConfig,
+    CalibrationError,
+    NonFiniteActivationError,
+    apply_awq_pass,
+    apply_plan,
+    calibrate,
+    prepare,
+    search,
+)
 from awqfx.app.cli import main
-from tiny_models import build
 
 
 def _calib(n=4, seq=16):
@@ -114,3 +123,42 @@ def test_cli_runtime_failure_is_exit_1_with_one_paragraph(tmp_path, capsys):
     assert main(["inspect", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("awqfx: ") and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_quantized_tied_head_is_refused_before_calibration(tmp_path, monkeypatch):
+    """quantize_head on a model whose head is tied to the embeddings: no format can store a packed
+    tied head, so quantize_model refuses right after discovery, naming lm_head."""
+    from tiny_models import save_model_dir
+
+    import awqfx.api
+    from awqfx.app.jobs import quantize_model
+    from awqfx.formats import FormatError
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("calibration or search was reached: the refusal came too late")
+
+    monkeypatch.setattr(awqfx.api, "calibrate", too_late)
+    monkeypatch.setattr(awqfx.api, "search", too_late)
+    save_model_dir(tmp_path / "model", "llama", tie_word_embeddings=True)
+    cfg = AWQConfig(group_size=32, quantize_head=True)
+    with pytest.raises(FormatError, match=r"layer lm_head\.weight .* is tied"):
+        quantize_model(str(tmp_path / "model"), str(tmp_path / "q"), cfg, samples=2, seq_len=16, progress=False)
+    assert not (tmp_path / "q").exists()
+
+
+def test_workflow_imports_without_the_posix_resource_module(monkeypatch):
+    """``resource`` is POSIX-only: without it awqfx.app.jobs still imports and the report says n/a."""
+    import importlib
+    import sys
+
+    import awqfx.app.jobs
+
+    monkeypatch.setitem(sys.modules, "resource", None)  # `import resource` now raises ImportError
+    try:
+        workflow = importlib.reload(awqfx.app.jobs)
+        assert workflow.peak_rss_mb() is None
+        assert "peak memory (RSS)  n/a" in workflow.Report().table()
+    finally:
+        monkeypatch.undo()
+        importlib.reload(awqfx.app.jobs)
+    assert awqfx.app.jobs.peak_rss_mb() > 0

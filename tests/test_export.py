@@ -24,7 +24,12 @@ from awqfx.export import (
     save_quantized,
 )
 from awqfx.modules import QuantLinear
-from awqfx.packed_model import fp_weight_bytes, pack_model, packed_weight_bytes, quantized_weight_of
+from awqfx.packed_model import (
+    fp_weight_bytes,
+    pack_model,
+    packed_weight_bytes,
+    quantized_weight_of,
+)
 from awqfx.quant import QuantizedWeight, QuantSpec, quantize_weight
 
 ASYM4 = QuantSpec(bits=4, group_size=32, symmetric=False)
@@ -240,7 +245,9 @@ def test_autoawq_refusals(tmp_path):
 def test_compressed_tensors_export_decompresses_with_the_package(tmp_path, spec):
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.base import (
+        PackedQuantizationCompressor,
+    )
     from compressed_tensors.quantization import apply_quantization_config
     from transformers import AutoConfig, AutoModelForCausalLM, CompressedTensorsConfig
 

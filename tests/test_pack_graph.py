@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import build, token_ids
 
 import awqfx
 from awqfx.api import AWQConfig, calibrate, convert, prepare, search
-from awqfx.modules import QuantLinear
 from awqfx.apply import apply_plan
+from awqfx.modules import QuantLinear
 from awqfx.passes.pack_linears import pack_linears
-from tiny_models import build, token_ids
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

@@ -1,4 +1,4 @@
-"""Bit packing and foreign layouts (awqfx.packing): exact round trips and independent checks.
+"""Bit packing (awqfx.packing) and foreign layouts (awqfx.formats): exact round trips and independent checks.
 
 Hypothesis example counts are modest by default so the file runs in seconds;
 set AWQFX_HYPOTHESIS_EXAMPLES to raise them.
@@ -11,17 +11,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from awqfx.packing import (
-    AWQ_ORDER,
+from awqfx.formats.autoawq import AWQ_ORDER, from_autoawq_gemm, to_autoawq_gemm
+from awqfx.formats.compressed_tensors import (
     compressed_tensors_config,
-    from_autoawq_gemm,
     from_compressed_tensors,
-    pack_int32,
-    packed_length,
-    to_autoawq_gemm,
     to_compressed_tensors,
-    unpack_int32,
 )
+from awqfx.packing import pack_int32, packed_length, unpack_int32
 from awqfx.quant import QuantSpec, dequantize, quantize_weight
 
 N_EXAMPLES = int(os.environ.get("AWQFX_HYPOTHESIS_EXAMPLES", "60"))
@@ -271,7 +267,9 @@ def _ct_scheme(spec):
 
 def _ct_decompress(tensors, spec):
     _, scheme = _ct_scheme(spec)
-    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized import (
+        PackedQuantizationCompressor,
+    )
 
     return PackedQuantizationCompressor.decompress(dict(tensors), scheme)["weight"]
 
@@ -304,7 +302,9 @@ def test_compressed_tensors_package_decompress_property(case):
 def test_compressed_tensors_package_compress_matches_ours():
     """Their compressor, fed our dequantized weight and signed qparams, packs the same words."""
     pytest.importorskip("compressed_tensors")
-    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized import (
+        PackedQuantizationCompressor,
+    )
 
     torch.manual_seed(5)
     for spec in (QuantSpec(4, 32), QuantSpec(3, 32), QuantSpec(8, -1, True), QuantSpec(4, 16, True)):

@@ -3,16 +3,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import build, calib_ids, token_ids
 
 import awqfx
 from awqfx.api import apply_awq_pass, calibrate, convert, prepare
-from awqfx.config import AWQConfig
 from awqfx.apply import apply_plan
-from awqfx.quant import QuantSpec, fake_quantize
+from awqfx.config import AWQConfig
 from awqfx.passes.region import extract_region
-from awqfx.search import block_grams, clip_range, clip_ratios, input_gram, refine_clip_jointly, search
-from tiny_models import build, calib_ids, token_ids
-
+from awqfx.quant import QuantSpec, fake_quantize
+from awqfx.search import (
+    block_grams,
+    clip_range,
+    clip_ratios,
+    input_gram,
+    refine_clip_jointly,
+    search,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 _calib = calib_ids

@@ -22,9 +22,9 @@ from awqfx.app.jobs import dir_size
 from awqfx.apply import apply_plan
 from awqfx.capture import capture
 from awqfx.config import AWQConfig
-from awqfx.quant import QuantSpec
-from awqfx.export import save_quantized
+from awqfx.formats import save_quantized
 from awqfx.packed_model import fp_weight_bytes, packed_weight_bytes
+from awqfx.quant import QuantSpec
 
 
 def resident_bytes(model: nn.Module) -> int:

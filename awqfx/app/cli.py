@@ -22,7 +22,8 @@ from awqfx.app.assets import eval_text, load_model
 from awqfx.app.bench import format_bench, run_bench
 from awqfx.app.jobs import compare_methods, plot_results, quantize_model
 from awqfx.app.render import write_graph
-from awqfx.config import AWQConfig
+from awqfx.config import AWQConfig, ConfigError
+from awqfx.formats import FormatError
 from awqfx.passes.discover import discover
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -140,10 +141,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         rep = quantize_model(args.model, args.out, cfg, fmt=args.format, calib_source=args.calib, samples=args.samples,
                              seq_len=args.seq_len, eval_file=args.eval, eval_windows=args.eval_windows,
                              overwrite=args.overwrite, progress=not args.quiet)
-    except ValueError as e:
-        if str(e).startswith("--format"):
-            raise UsageError(str(e)) from None
-        raise
+    except (ConfigError, FormatError) as e:
+        raise UsageError(str(e)) from None
     print("\nawqfx quantize: done\n" + rep.table())
     return EXIT_OK
 
@@ -168,10 +167,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--text {args.text!r} is not a file")
     else:
         text = Path(args.text).read_text(encoding="utf-8", errors="replace")
-    res = compare_methods(args.model, text, bits, args.group_size, methods, max_windows=args.max_windows,
-                          seq_len=args.seq_len, samples=args.samples, calib_source=args.calib,
-                          base_config=_search_kwargs(args),
-                          progress=not args.quiet)
+    try:
+        res = compare_methods(args.model, text, bits, args.group_size, methods, max_windows=args.max_windows,
+                              seq_len=args.seq_len, samples=args.samples, calib_source=args.calib,
+                              base_config=_search_kwargs(args), progress=not args.quiet)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
     print(f"\nperplexity on {res['windows']} windows x {res['seq_len']} tokens, group size {res['group_size']}\n")
     rows = [[r["method"], r["bits"], f"{r['ppl']:.3f}",
              f"{r['gap_recovered']:.1%}" if "gap_recovered" in r else "",

@@ -5,7 +5,6 @@ Each function is usable from Python too; the CLI only parses flags and prints.
 from __future__ import annotations
 
 import logging
-import resource
 import tempfile
 import time
 from contextlib import contextmanager
@@ -23,12 +22,22 @@ from awqfx.app.evaluate import perplexity, windows_for_eval
 from awqfx.apply import apply_plan
 from awqfx.capture import capture
 from awqfx.config import AWQConfig
-from awqfx.export import save_quantized
+from awqfx.formats import FormatError, Layer, check_format, save_quantized
+from awqfx.formats.common import alias_groups
+from awqfx.params import get_param
+
+try:
+    import resource
+except ImportError:  # not POSIX (Windows): no peak-RSS figure
+    resource = None
 
 log = logging.getLogger(__name__)
 
 
-def peak_rss_mb() -> float:
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process in MB (Linux reports KiB), None where unknown."""
+    if resource is None:
+        return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -54,30 +63,28 @@ class Report:
         rows = [(k, v) for k, v in self.facts.items()]
         rows += [(f"time: {k}", f"{v:.1f} s") for k, v in self.stages.items()]
         rows.append(("time: total", f"{sum(self.stages.values()):.1f} s"))
-        rows.append(("peak memory (RSS)", f"{peak_rss_mb():.0f} MB"))
+        rss = peak_rss_mb()
+        rows.append(("peak memory (RSS)", "n/a" if rss is None else f"{rss:.0f} MB"))
         w = max(len(k) for k, _ in rows)
         return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
 
 
-def check_format(fmt: str, cfg: AWQConfig, in_features: dict[str, int], scale_nodes: list[str] = ()) -> None:
-    """Refuse an export format the quantized layers cannot be written in, before any long work."""
-    if fmt != "awqfx" and scale_nodes and cfg.method == "awq":
-        raise ValueError(f"--format {fmt} cannot store AWQ scale nodes after activations (found after "
-                         f"{', '.join(scale_nodes[:3])}): their loaders would silently drop them. Use --format awqfx.")
-    if fmt == "autoawq":
-        if cfg.weights.bits != 4:
-            raise ValueError(f"--format autoawq stores 4-bit weights only (got --bits {cfg.weights.bits}); use --format awqfx")
-        bad = {n: k for n, k in in_features.items() if cfg.weights.group_size != -1 and k % cfg.weights.group_size}
-        if bad:
-            name, k = next(iter(bad.items()))
-            raise ValueError(f"--format autoawq needs in_features divisible by the group size: {name} has {k} inputs, "
-                             f"not a multiple of {cfg.weights.group_size}. Use --group-size 64 or 32, or --format awqfx.")
-    if fmt == "compressed-tensors":
-        bad = {n: k for n, k in in_features.items() if cfg.weights.group_size != -1 and k % cfg.weights.group_size}
-        if bad:
-            name, k = next(iter(bad.items()))
-            raise ValueError(f"--format compressed-tensors cannot store a ragged last group: {name} has {k} inputs, "
-                             f"not a multiple of {cfg.weights.group_size}. Use a group size dividing {k}, or --format awqfx.")
+def layers_to_quantize(observed, cfg: AWQConfig) -> list[Layer]:
+    """The weights the search will quantize, described for the format checks (shapes and spec only)."""
+    tied = {name for names in alias_groups(observed.gm) for name in names}
+    scaled = {c.weight for g in observed.groups if g.producer.kind == "activation" for c in g.consumers}
+    return [Layer(w, tuple(get_param(observed.gm, w).shape), observed.linears[w][2], cfg.spec, tied=w in tied,
+                  input_scale=cfg.scales is not None and w in scaled)
+            for w in observed.discovery.quantizable if w in observed.linears]
+
+
+def refuse_unfit_format(fmt: str, observed, cfg: AWQConfig) -> None:
+    """Raise :class:`FormatError` listing every layer ``fmt`` cannot hold, before any long work."""
+    problems = check_format(fmt, layers_to_quantize(observed, cfg))
+    if problems:
+        raise FormatError(f"--format {fmt} cannot hold this model: " + "; ".join(problems) + ".")
+
+
 
 
 def quantize_model(
@@ -112,9 +119,7 @@ def quantize_model(
         observed = prepare(gm, cfg)
     d = observed.discovery
     rep.facts["scale groups"] = f"{len(d.groups)} found, {len(d.rejected)} rejected candidates"
-    in_features = {w: int(observed.gm.get_parameter(w).shape[observed.linears[w][2]])
-                   for w in d.quantizable if w in observed.linears}
-    check_format(fmt, cfg, in_features, [g.producer.node for g in observed.groups if g.producer.kind == "activation"])
+    refuse_unfit_format(fmt, observed, cfg)
     if cfg.needs_calibration:
         with rep.stage("calibrate"):
             calibrate(observed, calib, progress=progress)

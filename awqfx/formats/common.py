@@ -1,0 +1,429 @@
+"""What the three checkpoint formats share: layer descriptions for the format checks, the
+checkpoint directory (atomic write, config.json), safe file reading and the skeleton a loader
+fills.
+
+Every format is a directory holding ``config.json`` (the HF model config plus a
+``quantization_config``) and one ``model.safetensors`` (metadata ``{"format": "pt"}``); never
+pickle. Optional extras: the tokenizer files (``tokenizer.save_pretrained``),
+``generation_config.json``, and the AWQ plan copied into the ``awq_plan/`` sub-directory (a
+sub-directory, not the top level, because vLLM loads every top-level ``*.safetensors`` file as
+model weights and ``plan.safetensors`` would break it).
+
+Tied weights are written once (safetensors refuses tensors that share memory): the first name
+in ``state_dict`` order is kept (``model.embed_tokens.weight``; ``lm_head.weight`` is dropped),
+as HF's ``save_pretrained`` does; loaders re-tie.
+
+Atomicity: everything is written into a temporary directory beside ``out_dir`` which is then
+renamed into place with ``os.replace``; on any error (disk full, Ctrl-C) the temporary directory
+is removed and ``out_dir`` is untouched (with ``overwrite=True`` the old directory is only
+removed after the new one is in place).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from awqfx.apply import InputScale
+from awqfx.modules import QuantLinear
+from awqfx.quant import QuantSpec
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+PLAN_SUBDIR = "awq_plan"
+INPUT_SCALE = "awqfx_input_scale"
+QL_TENSORS = ("qweight", "scales", "qzeros", "bias")
+
+
+class QuantizedFileError(ValueError):
+    """A quantized checkpoint directory is missing files, corrupt, or does not match its config."""
+
+
+class FormatError(ValueError):
+    """The layers about to be quantized cannot be written in the chosen checkpoint format."""
+
+
+# =========================================================================== format checks
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One weight about to be quantized, as the format checks see it: shapes and spec only.
+
+    ``shape``: the weight as the model stores it; ``in_dim``: its dim contracted with the input
+    (the last one for ``nn.Linear``'s ``[out, in]``, 0 for GPT-2's ``Conv1D`` ``[in, out]``);
+    ``tied``: the tensor is shared with another parameter (a tied LM head); ``input_scale``: the
+    layer reads its input through an inserted AWQ scale node (an activation group's ``1/s``).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    in_dim: int
+    spec: QuantSpec
+    tied: bool = False
+    input_scale: bool = False
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[self.in_dim]
+
+    @property
+    def out_features(self) -> int:
+        return [d for i, d in enumerate(self.shape) if i != self.in_dim % len(self.shape)][-1]
+
+    @property
+    def where(self) -> str:
+        if len(self.shape) != 2:
+            return f"layer {self.name} (shape {list(self.shape)})"
+        return f"layer {self.name} (in_features={self.in_features}, out_features={self.out_features})"
+
+    def stores_in_last(self) -> bool:
+        """The input dim is the weight's last one (``nn.Linear``'s ``[out, in]``)."""
+        return self.in_dim % len(self.shape) == len(self.shape) - 1
+
+    def ragged(self) -> bool:
+        g = self.spec.effective_group_size(self.in_features)
+        return g <= 0 or self.in_features % g != 0
+
+
+def divisor_hint(in_features: int) -> str:
+    ok = [g for g in (64, 32) if in_features % g == 0]
+    if ok:
+        return "re-quantize with " + " or ".join(f"--group-size {g}" for g in ok) + ", or "
+    return ""
+
+
+def packing_problems(layers: list[Layer]) -> list[str]:
+    """What no format can store: a tied weight cannot become a packed layer without untying it."""
+    return [
+        f"{layer.where} is tied (shared) with another module's weight: packing it would untie the model; "
+        "leave it in float (quantize_head=False)"
+        for layer in layers
+        if layer.tied
+    ]
+
+
+def linear_only_problems(fmt: str, layers: list[Layer]) -> list[str]:
+    """What a foreign loader cannot rebuild: it swaps plain ``nn.Linear`` layers ([out, in] weights)
+    for its packed ones and knows nothing of awqfx's scale nodes."""
+    problems = []
+    for layer in layers:
+        if len(layer.shape) != 2:
+            problems.append(
+                f"{layer.where} is a 3-D fused MoE expert weight; awqfx writes {fmt} for 2-D nn.Linear weights "
+                "only, use --format awqfx"
+            )
+        elif not layer.stores_in_last():
+            problems.append(
+                f"{layer.where} stores its weight as [in, out] (x @ W, like GPT-2's Conv1D), not as an nn.Linear, "
+                f"and {fmt} loaders only convert nn.Linear layers; use --format awqfx"
+            )
+        if layer.input_scale:
+            problems.append(
+                f"{layer.where} reads its input through an AWQ scale node after an activation (GELU -> fc2 style), "
+                f"which {fmt} loaders cannot apply; use --format awqfx"
+            )
+    return problems
+
+
+def format_error(fmt: str, problems: list[str]) -> FormatError:
+    return FormatError(f"cannot export as {fmt}: " + "; ".join(problems) + ".")
+
+
+def packed_layers(model: nn.Module, qmods: Mapping[str, QuantLinear]) -> list[Layer]:
+    """The packed modules of ``model`` as :class:`Layer` descriptions, for a writer's check.
+
+    The orientation comes from the architecture rebuilt from ``model.config``: a module that is not
+    an ``nn.Linear`` there is described as ``[in, out]`` (the other kind ``pack_model`` packs).
+    """
+    try:
+        skeleton = build_skeleton(model.config)
+    except Exception:  # noqa: BLE001 - not constructible from its config: nothing to compare with
+        skeleton = None
+    scaled = input_scales(model)
+    layers = []
+    for prefix, m in qmods.items():
+        in_dim = 1
+        if skeleton is not None:
+            with contextlib.suppress(AttributeError):
+                in_dim = 1 if isinstance(skeleton.get_submodule(prefix), nn.Linear) else 0
+        shape = (m.out_features, m.in_features) if in_dim == 1 else (m.in_features, m.out_features)
+        spec = QuantSpec(bits=m.bits, group_size=m.group_size, symmetric=bool(m.symmetric))
+        layers.append(Layer(f"{prefix}.weight", shape, in_dim, spec, input_scale=prefix in scaled))
+    return layers
+
+
+def input_scales(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{module prefix: 1/s per input column}`` of modules whose input is scaled by a pre-hook
+    (the module-tree form of an activation group's inserted scale node)."""
+    out = {}
+    for name, m in model.named_modules():
+        for h in m._forward_pre_hooks.values():
+            if isinstance(h, InputScale):
+                out[name] = h.factor
+    return out
+
+
+# =========================================================================== model skeleton, state
+
+
+@contextlib.contextmanager
+def _params_on_meta() -> Iterator[None]:
+    """Create module *parameters* on the meta device, buffers where they would normally go.
+
+    Building the skeleton entirely under ``torch.device("meta")`` would also put computed
+    non-persistent buffers (rotary ``inv_freq``) on meta, and those are not in any checkpoint.
+    Only parameters are redirected here (``nn.Module.register_parameter`` is patched for the
+    duration; not thread-safe against other threads building modules at the same time).
+    """
+    original = nn.Module.register_parameter
+
+    def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = type(param)(param.detach().to("meta"), requires_grad=param.requires_grad)
+        original(self, name, param)
+
+    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def build_skeleton(config: Any) -> nn.Module:
+    """``AutoModelForCausalLM.from_config`` with every parameter on the meta device."""
+    with _params_on_meta():
+        return AutoModelForCausalLM.from_config(config)
+
+
+def parent_map(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    out: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for child_name, child in parent._modules.items():
+            if child is not None:
+                out.setdefault(id(child), []).append((parent, child_name))
+    return out
+
+
+def alias_groups(model: nn.Module) -> list[list[str]]:
+    """Names that refer to the same parameter/buffer object (tied weights), groups of 2+."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    for name, b in model.named_buffers(remove_duplicate=False):
+        by_id.setdefault(id(b), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def dedupe_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop exact aliases (tied weights: same storage, offset, shape, strides); keep the first name.
+
+    Partial overlaps (two different views of one storage) are cloned, since safetensors refuses
+    any shared memory. Everything is made contiguous and moved to the CPU.
+    """
+    out: dict[str, torch.Tensor] = {}
+    exact: set[tuple] = set()
+    storages: set[tuple] = set()
+    for name, t in state.items():
+        if t.device.type == "meta":
+            raise ValueError(f"save_quantized: tensor {name!r} is on the meta device (it has no data).")
+        t = t.detach()
+        sid = (t.device, t.untyped_storage().data_ptr())
+        key = (*sid, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in exact:
+            continue
+        if sid in storages and t.numel() > 0:
+            t = t.clone()
+        else:
+            exact.add(key)
+            storages.add(sid)
+        out[name] = t.contiguous().cpu()
+    # contiguous()/cpu() may return the same tensor; a final pass guarantees no sharing remains
+    seen: set[int] = set()
+    for name, t in out.items():
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:
+            out[name] = t.clone()
+        seen.add(ptr)
+    return out
+
+
+def split_state(model: nn.Module, qmods: Mapping[str, QuantLinear]) -> dict[str, torch.Tensor]:
+    """The model's state dict without the tensors of the packed modules, deduplicated."""
+    state = model.state_dict()
+    quantized_keys = {f"{p}.{t}" for p in qmods for t in QL_TENSORS}
+    return dedupe_state({k: v for k, v in state.items() if k not in quantized_keys})
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def unquantized_linears(model: nn.Module) -> list[str]:
+    """Names of ``nn.Linear`` modules still in float (``lm_head``, MoE routers, ...)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+# =========================================================================== write
+
+
+def config_dict(model: nn.Module, qcfg: dict) -> dict:
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["quantization_config"] = qcfg
+    if not cfg.get("architectures"):
+        cfg["architectures"] = [type(model).__name__]
+    dtype = float_dtype(model)
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    return cfg
+
+
+def write_checkpoint(
+    out: Path,
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    model: nn.Module,
+    tokenizer: Any = None,
+    plan_src: Path | None = None,
+) -> None:
+    """Write the checkpoint directory atomically (see the module docstring); replaces ``out`` if it exists."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old: Path | None = None
+    try:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        # called through the module so the write can be intercepted (tests simulate a full disk)
+        safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and hasattr(gen, "to_json_file"):
+            gen.to_json_file(str(tmp / "generation_config.json"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if plan_src is not None:
+            shutil.copytree(plan_src, tmp / PLAN_SUBDIR)
+        if out.exists() or out.is_symlink():  # overwrite: move the old one aside, swap, then delete
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                old = None
+                raise
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+# =========================================================================== read
+
+
+def read_config(path: Path) -> dict:
+    if not path.is_dir():
+        raise QuantizedFileError(f"{path}: no such checkpoint directory.")
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise QuantizedFileError(f"{cfg_file} is missing: {path} is not a saved quantized model.")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise QuantizedFileError(f"{cfg_file} is not valid JSON (corrupt or truncated?): {err}") from err
+    if not isinstance(cfg, dict):
+        raise QuantizedFileError(f"{cfg_file} does not hold a JSON object.")
+    qcfg = cfg.get("quantization_config")
+    if not isinstance(qcfg, dict):
+        raise QuantizedFileError(f"{cfg_file} has no quantization_config: not a quantized checkpoint.")
+    return cfg
+
+
+def weights_file(path: Path) -> Path:
+    f = path / WEIGHTS_NAME
+    if not f.is_file():
+        raise QuantizedFileError(f"{f} is missing: the checkpoint in {path} is incomplete.")
+    return f
+
+
+class SafeFile:
+    """``safe_open`` with every safetensors failure turned into a QuantizedFileError naming the file."""
+
+    def __init__(self, file: Path, device: str = "cpu") -> None:
+        self.file = file
+        self.device = device
+        self._ctx = None
+        self._f = None
+
+    def _corrupt(self, err: BaseException) -> QuantizedFileError:
+        size = self.file.stat().st_size if self.file.exists() else 0
+        return QuantizedFileError(
+            f"{self.file} is corrupt or truncated ({size} bytes) and cannot be read: {err}. "
+            "Re-export the model."
+        )
+
+    def __enter__(self) -> "SafeFile":
+        try:
+            self._ctx = safetensors.safe_open(str(self.file), framework="pt", device=self.device)
+            self._f = self._ctx.__enter__()
+        except Exception as err:  # SafetensorError, OSError on a short mmap, ...
+            raise self._corrupt(err) from err
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+    def keys(self) -> list[str]:
+        return list(self._f.keys())
+
+    def meta(self, key: str) -> tuple[tuple[int, ...], str]:
+        try:
+            s = self._f.get_slice(key)
+            return tuple(int(d) for d in s.get_shape()), str(s.get_dtype())
+        except Exception as err:
+            raise self._corrupt(err) from err
+
+    def tensor(self, key: str) -> torch.Tensor:
+        try:
+            return self._f.get_tensor(key)
+        except Exception as err:
+            raise self._corrupt(err) from err
+
+
+def mismatch(path: Path, problems: list[str]) -> QuantizedFileError:
+    shown = problems[:8]
+    more = f"; ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+    return QuantizedFileError(
+        f"{path / WEIGHTS_NAME}: the file does not match this model/config ({path / CONFIG_NAME}): "
+        + "; ".join(shown)
+        + more
+    )
+
+
+def read_all(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    cfg = read_config(path)
+    with SafeFile(weights_file(path)) as f:
+        tensors = {k: f.tensor(k) for k in f.keys()}
+    return cfg["quantization_config"], tensors

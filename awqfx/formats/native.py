@@ -1,0 +1,267 @@
+"""The native awqfx format: any bits 2..8, any group size, ragged last groups, GPT-2 ``Conv1D``
+layers, activation scale nodes; read back by :func:`load_quantized`::
+
+    quantization_config = {"quant_method": "awqfx", "format_version": 1,
+                           "modules": {prefix: {"bits", "group_size", "symmetric",
+                                                "in_features", "out_features", "bias"}},
+                           "input_scales": [prefix, ...]}   # only when there are any
+
+Tensors: ``QuantLinear``'s state dict, i.e. ``prefix.qweight`` (int32 ``[out, ceil(in*b/32)]``,
+dense LSB-first along ``in``), ``prefix.scales`` (fp32 ``[out, G]``), ``prefix.qzeros`` (uint8
+``[out, G]``), ``prefix.bias`` (if any), ``prefix.awqfx_input_scale`` (fp32 ``[in]``, the ``1/s``
+of an activation scale node); every other tensor of the model under its own name (3-D MoE expert
+weights stay fake-quantized floats).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import CONFIG_MAPPING, GenerationConfig
+
+from awqfx.apply import InputScale
+from awqfx.formats.common import (
+    CONFIG_NAME,
+    INPUT_SCALE,
+    QL_TENSORS,
+    Layer,
+    QuantizedFileError,
+    SafeFile,
+    alias_groups,
+    build_skeleton,
+    dedupe_state,
+    format_error,
+    input_scales,
+    mismatch,
+    packed_layers,
+    packing_problems,
+    parent_map,
+    read_config,
+    weights_file,
+)
+from awqfx.modules import QuantLinear
+from awqfx.quant import QuantSpec
+
+NAME = "awqfx"
+NATIVE_FORMAT_VERSION = 1
+_NATIVE_KEYS = ("bits", "group_size", "symmetric", "in_features", "out_features", "bias")
+_QL_DTYPES = {"qweight": torch.int32, "scales": torch.float32, "qzeros": torch.uint8}
+_ST_DTYPES = {
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.float32: "F32",
+}
+
+
+def check(layers: list[Layer]) -> list[str]:
+    """Every reason the native format cannot hold ``layers`` (only tied weights: nothing packs them)."""
+    return packing_problems(layers)
+
+
+def payload(model: nn.Module, qmods: Mapping[str, QuantLinear]) -> tuple[dict[str, torch.Tensor], dict]:
+    problems = check(packed_layers(model, qmods))
+    if problems:
+        raise format_error(NAME, problems)
+    tensors = dedupe_state(model.state_dict())
+    modules = {
+        prefix: {
+            "bits": int(m.bits),
+            "group_size": int(m.group_size),
+            "symmetric": bool(m.symmetric),
+            "in_features": int(m.in_features),
+            "out_features": int(m.out_features),
+            "bias": m.bias is not None,
+        }
+        for prefix, m in qmods.items()
+    }
+    qcfg = {"quant_method": "awqfx", "format_version": NATIVE_FORMAT_VERSION, "modules": modules}
+    scales = input_scales(model)
+    for prefix, inv in scales.items():
+        tensors[f"{prefix}.{INPUT_SCALE}"] = inv.detach().float().cpu().contiguous()
+    if scales:
+        qcfg["input_scales"] = sorted(scales)
+    return tensors, qcfg
+
+
+# =========================================================================== load
+
+
+def _native_modules(path: Path, qcfg: dict) -> dict[str, dict]:
+    version = qcfg.get("format_version")
+    if version != NATIVE_FORMAT_VERSION:
+        raise QuantizedFileError(
+            f"{path / CONFIG_NAME}: unknown awqfx format_version {version!r}; this awqfx reads version "
+            f"{NATIVE_FORMAT_VERSION}. Upgrade awqfx or re-export the model."
+        )
+    modules = qcfg.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise QuantizedFileError(f"{path / CONFIG_NAME}: quantization_config.modules is missing or empty.")
+    for prefix, entry in modules.items():
+        if not isinstance(entry, dict) or any(k not in entry for k in _NATIVE_KEYS):
+            raise QuantizedFileError(
+                f"{path / CONFIG_NAME}: quantization_config.modules[{prefix!r}] must have the keys "
+                f"{', '.join(_NATIVE_KEYS)}; got {entry!r}."
+            )
+        ints = ("bits", "group_size", "in_features", "out_features")
+        if any(isinstance(entry[k], bool) or not isinstance(entry[k], int) for k in ints):
+            raise QuantizedFileError(f"{path / CONFIG_NAME}: modules[{prefix!r}] has non-integer fields: {entry!r}.")
+    return modules
+
+
+def _hf_config(path: Path, cfg: dict) -> Any:
+    model_type = cfg.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise QuantizedFileError(
+            f"{path / CONFIG_NAME}: unknown or missing model_type {model_type!r}; cannot rebuild the model."
+        )
+    d = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    return CONFIG_MAPPING[model_type].from_dict(d)
+
+
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", backend: str = "auto") -> nn.Module:
+    """Load a model saved with ``save_quantized(..., fmt="awqfx")``, in eval mode.
+
+    Rebuilds the architecture from ``config.json`` with parameters on the meta device, swaps the
+    listed modules for ``QuantLinear`` skeletons (``backend`` as in ``QuantLinear``), checks the
+    safetensors file against that skeleton (names, shapes, integer dtypes) before reading any
+    data, loads it with ``assign=True`` (no float copy of the quantized layers is ever made),
+    re-ties tied weights and moves the model to ``device``.
+
+    Raises :class:`QuantizedFileError` for a missing directory/file, a corrupt or truncated
+    ``config.json`` / ``model.safetensors``, a checkpoint of another format, an unknown
+    ``format_version``, or tensors that are missing, unexpected or of the wrong shape.
+    """
+    if backend not in ("auto", "int4pack", "dequant"):
+        raise ValueError(f"backend must be 'auto', 'int4pack' or 'dequant', got {backend!r}.")
+    path = Path(path)
+    cfg = read_config(path)
+    qcfg = cfg["quantization_config"]
+    method = qcfg.get("quant_method")
+    if method != "awqfx":
+        other = {
+            "awq": "an AutoAWQ export (load it with transformers/vLLM, or read its weights with "
+            "load_autoawq_qweights)",
+            "compressed-tensors": "a compressed-tensors export (load it with transformers/vLLM, or read its "
+            "weights with load_compressed_tensors_qweights)",
+        }.get(method, f"quant_method {method!r}")
+        raise QuantizedFileError(f"{path} is {other}, not an awqfx checkpoint.")
+    modules = _native_modules(path, qcfg)
+    wfile = weights_file(path)
+    dev = torch.device(device)
+
+    with SafeFile(wfile, device=str(dev) if dev.type != "meta" else "cpu") as f:
+        file_meta = {k: f.meta(k) for k in f.keys()}
+
+        model = build_skeleton(_hf_config(path, cfg))
+        parents = parent_map(model)
+        problems: list[str] = []
+        for prefix, e in modules.items():
+            try:
+                orig = model.get_submodule(prefix)
+            except AttributeError:
+                problems.append(f"config lists quantized module {prefix!r}, which this architecture does not have")
+                continue
+            w = getattr(orig, "weight", None)
+            dims = {(e["out_features"], e["in_features"]), (e["in_features"], e["out_features"])}
+            if not isinstance(w, torch.Tensor) or w.dim() != 2 or tuple(w.shape) not in dims:
+                problems.append(
+                    f"module {prefix} has weight shape {tuple(w.shape) if isinstance(w, torch.Tensor) else None}, "
+                    f"but the config says in_features={e['in_features']}, out_features={e['out_features']}"
+                )
+                continue
+            try:
+                QuantSpec(bits=e["bits"], group_size=e["group_size"], symmetric=bool(e["symmetric"])).validate(
+                    e["in_features"]
+                )
+            except ValueError as err:
+                raise QuantizedFileError(f"{path / CONFIG_NAME}: bad entry for {prefix}: {err}") from err
+            # a ValueError from here is about `backend` (e.g. int4pack on a layer it can't run)
+            ql = QuantLinear(
+                e["in_features"],
+                e["out_features"],
+                bits=e["bits"],
+                group_size=e["group_size"],
+                bias=bool(e["bias"]),
+                backend=backend,
+                symmetric=bool(e["symmetric"]),
+                device="meta",
+            )
+            for parent, child_name in parents.get(id(orig), []):
+                setattr(parent, child_name, ql)
+        if problems:
+            raise mismatch(path, problems)
+
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        for prefix in qcfg.get("input_scales", []):
+            if prefix not in modules:
+                problems.append(f"input scale for {prefix!r}, which is not a quantized module")
+            else:
+                expected[f"{prefix}.{INPUT_SCALE}"] = (modules[prefix]["in_features"],)
+        quantized_keys = {f"{p}.{t}": t for p in modules for t in QL_TENSORS}
+        groups = alias_groups(model)
+        alias_of = {n: g for g in groups for n in g}
+        for k, (shape, _dt) in file_meta.items():
+            if k not in expected:
+                problems.append(f"unexpected tensor {k} {list(shape)}")
+            elif shape != expected[k]:
+                problems.append(f"tensor {k} has shape {list(shape)}, expected {list(expected[k])}")
+            elif k in quantized_keys and quantized_keys[k] in _QL_DTYPES:
+                want = _ST_DTYPES[_QL_DTYPES[quantized_keys[k]]]
+                if _dt != want:
+                    problems.append(f"tensor {k} has dtype {_dt}, expected {want}")
+        missing = []
+        for k in expected:
+            if k in file_meta:
+                continue
+            if k in alias_of and any(n in file_meta for n in alias_of[k]):
+                continue  # tied: another name of the same tensor is stored
+            missing.append(k)
+        if missing:
+            problems.insert(0, f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if problems:
+            raise mismatch(path, problems)
+
+        state = {k: f.tensor(k) for k in file_meta}
+
+    for prefix in qcfg.get("input_scales", []):
+        inv = state.pop(f"{prefix}.{INPUT_SCALE}")
+        model.get_submodule(prefix).register_forward_pre_hook(InputScale(inv, prefix + ".weight"))
+    model.load_state_dict(state, strict=False, assign=True)
+    _retie(model, groups, set(file_meta))
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if leftover:
+        raise mismatch(path, [f"tensors not provided by the file: {leftover[:8]}"])
+    model.to(dev)
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file() and getattr(model, "generation_config", None) is not None:
+        with contextlib.suppress(Exception):
+            model.generation_config = GenerationConfig.from_pretrained(str(path))
+    return model.eval()
+
+
+def _retie(model: nn.Module, groups: list[list[str]], loaded: set[str]) -> None:
+    """Point every name of a tied group at the one tensor that was loaded."""
+    for names in groups:
+        src_name = next((n for n in names if n in loaded), None)
+        if src_name is None:
+            continue
+        mod_name, _, leaf = src_name.rpartition(".")
+        src_mod = model.get_submodule(mod_name)
+        is_param = leaf in src_mod._parameters
+        src = src_mod._parameters[leaf] if is_param else src_mod._buffers[leaf]
+        for n in names:
+            if n == src_name:
+                continue
+            mn, _, lf = n.rpartition(".")
+            m = model.get_submodule(mn)
+            if is_param and lf in m._parameters:
+                m._parameters[lf] = src
+            elif lf in m._buffers:
+                m._buffers[lf] = src
+
