@@ -1,4 +1,16 @@
+"""Shared fixtures, and the ``slow`` marker of pyproject's pytest markers: skipped unless AWQFX_SLOW=1."""
+import os
 
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("AWQFX_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow test: set AWQFX_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 # --- real_model (awqfx.app.assets): the bundled SmolLM2-135M-Instruct, loaded once per session ---
 import pytest as _pytest_real_model

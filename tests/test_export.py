@@ -150,9 +150,10 @@ def test_bf16_model_roundtrip(tmp_path):
 def test_load_with_int4_backend(tmp_path):
     model, ref, _ = _packed("llama", QuantSpec(4, 32, False))
     d = save_quantized(model, tmp_path / "q")
-    loaded = load_quantized(d)  # backend auto: int4pack on CPU for these shapes
+    loaded = load_quantized(d)  # backend auto
     backends = {m.active_backend for m in loaded.modules() if isinstance(m, QuantLinear)}
-    assert backends <= {"int4pack", "dequant"}
+    # every linear of the tiny llama fits the CPU int4 kernel (4 bits, group 32, out % 16 == 0)
+    assert backends == {"int4pack" if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") else "dequant"}
     # bf16 activations in the int4 kernel: loose tolerance
     torch.testing.assert_close(_logits(loaded), _logits(ref), rtol=0.05, atol=0.05)
 
