@@ -18,7 +18,7 @@ from awqfx.packing import pack_int32, packed_length, unpack_int32
 from awqfx.params import from_rows
 from awqfx.quant import QuantizedWeight, QuantSpec, dequantize, num_groups
 
-__all__ = ["PackedExperts", "pack_experts", "packed_experts", "PACKED_PREFIX"]
+__all__ = ["PackedExperts", "attach", "pack_experts", "packed_experts", "PACKED_PREFIX"]
 
 PACKED_PREFIX = "awqfx_packed_"
 
@@ -55,6 +55,13 @@ class PackedExperts(nn.Module):
         m.scales = qw.scale.detach().to(torch.float32).contiguous()
         m.qzeros = qw.zero.to(torch.uint8).contiguous()
         return m
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The shape of the parameter this module replaces (input dim back at ``in_dim``)."""
+        dims = list(self.shape[:-1])
+        dims.insert(self.in_dim % 3, self.shape[-1])
+        return tuple(dims)
 
     def quantized(self) -> QuantizedWeight:
         """The integers and qparams (the portable form every exporter reads)."""

@@ -482,3 +482,39 @@ def test_activation_scales_survive_pack_save_load(tmp_path):
         assert torch.equal(loaded(ids).logits, got)
     with pytest.raises(ValueError, match="scale node"):
         save_quantized(packed, tmp_path / "ct", fmt="compressed-tensors")
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_moe_experts_are_packed_saved_and_loaded(arch, tmp_path):
+    """3-D expert weights become PackedExperts (no float copy kept), compute the fake-quant model's
+    logits, round-trip through the native format, and are refused by the foreign formats."""
+    import awqfx
+    from awqfx.api import AWQConfig, calibrate, prepare, search
+    from awqfx.apply import apply_plan
+    from awqfx.packed_experts import PackedExperts, packed_experts
+
+    model = build(arch)
+    cfg = AWQConfig.of(bits=4, group_size=16, n_grid=2, loss_samples=2, clip_grid=4, clip_rounds=0)
+    obs = prepare(awqfx.capture(model), cfg)
+    calibrate(obs, torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0)), progress=False)
+    plan = search(obs, cfg, progress=False)
+    experts = sorted(n for n in plan.weights if model.get_parameter(n).dim() == 3)
+    assert len(experts) == 4
+    ids = token_ids()
+    with torch.no_grad():
+        want = apply_plan(model, plan)(ids).logits
+        packed = apply_plan(model, plan, weights="packed", backend="dequant")
+        got = packed(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert sorted(packed_experts(packed)) == experts
+    state = packed.state_dict()
+    assert not set(experts) & set(state)  # the float expert weights are gone
+    e = packed_experts(packed)[experts[0]]
+    assert isinstance(e, PackedExperts) and e.weight_shape == tuple(model.get_parameter(experts[0]).shape)
+    assert sum(t.numel() * t.element_size() for t in e.state_dict().values()) < model.get_parameter(experts[0]).numel()
+    save_quantized(packed, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q", backend="dequant")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, got)
+    with pytest.raises(ValueError, match="3-D fused MoE expert weight"):
+        save_quantized(packed, tmp_path / "ct", fmt="compressed-tensors")

@@ -40,6 +40,7 @@ from transformers import AutoModelForCausalLM
 
 from awqfx.apply import InputScale
 from awqfx.modules import QuantLinear
+from awqfx.packed_experts import packed_experts
 from awqfx.quant import QuantSpec
 
 WEIGHTS_NAME = "model.safetensors"
@@ -164,6 +165,8 @@ def packed_layers(model: nn.Module, qmods: Mapping[str, QuantLinear]) -> list[La
         shape = (m.out_features, m.in_features) if in_dim == 1 else (m.in_features, m.out_features)
         spec = QuantSpec(bits=m.bits, group_size=m.group_size, symmetric=bool(m.symmetric))
         layers.append(Layer(f"{prefix}.weight", shape, in_dim, spec, input_scale=prefix in scaled))
+    for name, e in packed_experts(model).items():
+        layers.append(Layer(name, tuple(e.weight_shape), e.in_dim, e.spec))
     return layers
 
 

@@ -9,8 +9,11 @@ layers, activation scale nodes; read back by :func:`load_quantized`::
 Tensors: ``QuantLinear``'s state dict, i.e. ``prefix.qweight`` (int32 ``[out, ceil(in*b/32)]``,
 dense LSB-first along ``in``), ``prefix.scales`` (fp32 ``[out, G]``), ``prefix.qzeros`` (uint8
 ``[out, G]``), ``prefix.bias`` (if any), ``prefix.awqfx_input_scale`` (fp32 ``[in]``, the ``1/s``
-of an activation scale node); every other tensor of the model under its own name (3-D MoE expert
-weights stay fake-quantized floats).
+of an activation scale node); 3-D MoE expert weights as
+:class:`~awqfx.packed_experts.PackedExperts` (``owner.awqfx_packed_<name>.qweight`` int32
+``[E, out, ceil(in*b/32)]``, ``.scales`` fp32 / ``.qzeros`` uint8 ``[E, out, G]``), listed in
+``quantization_config.experts`` (``{weight: {"shape", "in_dim", "dtype", "bits", "group_size",
+"symmetric"}}``); every other tensor of the model under its own name.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from awqfx.formats.common import (
     weights_file,
 )
 from awqfx.modules import QuantLinear
+from awqfx.packed_experts import PackedExperts, attach, packed_experts
 from awqfx.quant import QuantSpec
 
 NAME = "awqfx"
@@ -81,6 +85,11 @@ def payload(model: nn.Module, qmods: Mapping[str, QuantLinear]) -> tuple[dict[st
         for prefix, m in qmods.items()
     }
     qcfg = {"quant_method": "awqfx", "format_version": NATIVE_FORMAT_VERSION, "modules": modules}
+    experts = packed_experts(model)
+    if experts:
+        qcfg["experts"] = {name: {"shape": list(m.shape), "in_dim": m.in_dim, "dtype": str(m.dtype).removeprefix("torch."),
+                                  "bits": m.spec.bits, "group_size": m.spec.group_size, "symmetric": m.spec.symmetric}
+                           for name, m in experts.items()}
     scales = input_scales(model)
     for prefix, inv in scales.items():
         tensors[f"{prefix}.{INPUT_SCALE}"] = inv.detach().float().cpu().contiguous()
@@ -194,6 +203,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
             )
             for parent, child_name in parents.get(id(orig), []):
                 setattr(parent, child_name, ql)
+        problems += _attach_experts(model, qcfg.get("experts", {}))
         if problems:
             raise mismatch(path, problems)
 
@@ -243,6 +253,28 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         with contextlib.suppress(Exception):
             model.generation_config = GenerationConfig.from_pretrained(str(path))
     return model.eval()
+
+
+def _attach_experts(model: nn.Module, experts: dict) -> list[str]:
+    """Swap each listed 3-D expert parameter of the skeleton for a :class:`PackedExperts` skeleton."""
+    problems = []
+    for name, e in experts.items():
+        owner_name, _, attr = name.rpartition(".")
+        try:
+            w = getattr(model.get_submodule(owner_name), attr)
+        except AttributeError:
+            problems.append(f"config lists packed experts {name!r}, which this architecture does not have")
+            continue
+        rows = list(w.shape)
+        rows.append(rows.pop(int(e["in_dim"]) % len(rows)))
+        if w.dim() != 3 or rows != list(e["shape"]):
+            problems.append(f"experts {name} have shape {list(w.shape)}, but the config says {e['shape']} "
+                            f"(input dim {e['in_dim']} last)")
+            continue
+        attach(model.get_submodule(owner_name), attr,
+               PackedExperts(tuple(e["shape"]), int(e["bits"]), int(e["group_size"]), bool(e["symmetric"]),
+                             int(e["in_dim"]), getattr(torch, e["dtype"]), device="meta"))
+    return problems
 
 
 def _retie(model: nn.Module, groups: list[list[str]], loaded: set[str]) -> None:
