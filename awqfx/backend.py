@@ -41,7 +41,7 @@ class AWQBackend:
         if self.compiler is None:
             return gm.forward
         if isinstance(self.compiler, str):
-            from torch._dynamo import lookup_backend
+            from torch._dynamo import lookup_backend  # loaded by the time dynamo calls a backend
 
             return lookup_backend(self.compiler)(gm, example_inputs)
         return self.compiler(gm, example_inputs)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
 
 from awqfx.graph import (
     ACTIVATIONS,
@@ -293,9 +295,6 @@ def normalize_modules(gm: fx.GraphModule) -> bool:
     Semantics and parameter names are unchanged (``fc1`` -> ``linear(x, get_attr fc1.weight)``);
     afterwards every graph kind looks the same to discovery. Returns whether anything changed.
     """
-    import torch.nn as nn
-    import torch.nn.functional as F
-
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_module":

@@ -162,3 +162,18 @@ def test_workflow_imports_without_the_posix_resource_module(monkeypatch):
         monkeypatch.undo()
         importlib.reload(awqfx.app.jobs)
     assert awqfx.app.jobs.peak_rss_mb() > 0
+
+
+def test_input_scales_that_do_not_match_the_graph_are_refused():
+    """An activation group's input scale attaches by consumer weight name and size, or not at all."""
+    from awqfx.passes.input_scales import InputScaleError, insert_input_scales
+    from tiny_models import build
+
+    gm = awqfx.capture(build("gpt2"))
+    with pytest.raises(InputScaleError, match=r"no linear op of this graph reads: \['transformer.h.0.mlp.fc9.weight'\]"):
+        insert_input_scales(gm, {"transformer.h.0.mlp.fc9.weight": torch.ones(256)})
+    with pytest.raises(InputScaleError, match="has 5 entries but its linear op .* reads 256 input channels"):
+        insert_input_scales(gm, {"transformer.h.0.mlp.c_proj.weight": torch.ones(5)})
+    attrs = insert_input_scales(gm, {"transformer.h.0.mlp.c_proj.weight": torch.full((256,), 0.5)})
+    muls = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target in attrs.values()]
+    assert len(muls) == 1 and torch.equal(getattr(gm, attrs["transformer.h.0.mlp.c_proj.weight"]), torch.full((256,), 0.5))

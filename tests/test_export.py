@@ -473,6 +473,9 @@ def test_activation_scales_survive_pack_save_load(tmp_path):
     ids = token_ids()
     with torch.no_grad():
         ref = apply_plan(model, plan)(ids).logits  # fake-quant module tree (hooks + folded weights)
+        graph = apply_plan(awqfx.capture(model), plan)(ids)  # the same plan on a graph: mul nodes
+    torch.testing.assert_close(graph, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
         packed = apply_plan(model, plan, weights="packed", backend="dequant")
         got = packed(ids).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
