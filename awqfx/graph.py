@@ -161,9 +161,7 @@ def _source_steps(source: Any) -> list[str] | None:
     compiled module is what the root-most ``NNModuleSource`` wraps, so steps below it (``L['self']``,
     ``L['args'][0]``) are not part of the name.
     """
-    from torch._dynamo.source import (
-        NNModuleSource,  # loaded already when a graph has sources; costly otherwise
-    )
+    from torch._dynamo.source import NNModuleSource  # loaded already when a graph has sources; costly otherwise
 
     chain = []
     while source is not None:

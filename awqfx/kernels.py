@@ -188,14 +188,8 @@ def expand_groups(t: Tensor, group_size: int, in_features: int) -> Tensor:
     return t.repeat_interleave(group_size, dim=1)[:, :in_features]
 
 
-def dequantize_packed(
-    packed_qweight: Tensor,
-    scale: Tensor,
-    zero: Tensor,
-    bits: int,
-    group_size: int,
-    in_features: int,
-) -> Tensor:
+def dequantize_packed(packed_qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int,
+                      in_features: int) -> Tensor:
     """Unpack and dequantize one layer: ``(q - zero) * scale`` as fp32 ``[out, in_features]``.
 
     The integer difference is exact in fp32, so this is bit-identical to
@@ -299,16 +293,8 @@ def _int4_linear_fake(x, packed_weight, scale_zeros, group_size, bias=None):
 
 
 @torch.library.custom_op("awqfx::dequant_linear", mutates_args=())
-def dequant_linear(
-    x: Tensor,
-    packed_qweight: Tensor,
-    scale: Tensor,
-    zero: Tensor,
-    bits: int,
-    group_size: int,
-    in_features: int,
-    bias: Optional[Tensor] = None,
-) -> Tensor:
+def dequant_linear(x: Tensor, packed_qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int,
+                   in_features: int, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, (q - zero) * scale, bias)``, dequantizing only this layer, per call."""
     w = dequantize_packed(packed_qweight, scale, zero, bits, group_size, in_features)
     b = bias.to(x.dtype) if bias is not None else None

@@ -44,11 +44,7 @@ from torch import Tensor, nn
 
 from awqfx import kernels  # noqa: F401  (registers torch.ops.awqfx.*)
 from awqfx.kernels import (
-    dequantize_packed,
-    int4pack_layer_supported,
-    int4pack_supported,
-    pack_int4_scale_zeros,
-    pack_int4_weight,
+    dequantize_packed, int4pack_layer_supported, int4pack_supported, pack_int4_scale_zeros, pack_int4_weight,
     unpack_codes,
 )
 from awqfx.packing import pack_int32, packed_length

@@ -285,12 +285,7 @@ def dequantize(q: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tenso
     return out.reshape(q.shape)
 
 
-def fake_quantize(
-    w: Tensor,
-    spec: QuantSpec,
-    max_val: Tensor | None = None,
-    min_val: Tensor | None = None,
-) -> Tensor:
+def fake_quantize(w: Tensor, spec: QuantSpec, max_val: Tensor | None = None, min_val: Tensor | None = None) -> Tensor:
     """Quantize then dequantize in one pass; returns ``w``'s dtype and shape.
 
     This is what the AWQ search evaluates thousands of times, so it fuses the
@@ -350,12 +345,8 @@ class QuantizedWeight:
         return dequantize(self.q, self.scale, self.zero, self.spec).to(dtype)
 
 
-def quantize_weight(
-    w: Tensor,
-    spec: QuantSpec,
-    max_val: Tensor | None = None,
-    min_val: Tensor | None = None,
-) -> QuantizedWeight:
+def quantize_weight(w: Tensor, spec: QuantSpec, max_val: Tensor | None = None,
+                    min_val: Tensor | None = None) -> QuantizedWeight:
     """Compute qparams (optionally from an overridden range) and the integer weight."""
     scale, zero = compute_qparams(w, spec, max_val=max_val, min_val=min_val)
     q = quantize(w, scale, zero, spec)

@@ -3,18 +3,8 @@ from awqfx.passes.channels import ChannelPropagator, Flow
 from awqfx.passes.discover import DiscoveryError, discover, normalize_modules
 from awqfx.passes.dtype_asserts import drop_dtype_asserts
 from awqfx.passes.fold import fold_scales
-from awqfx.passes.input_scales import (
-    InputScaleError,
-    input_scale_attr,
-    insert_input_scales,
-)
-from awqfx.passes.observers import (
-    MeanAbsObserver,
-    SampleObserver,
-    insert_observers,
-    is_observer,
-    remove_observers,
-)
+from awqfx.passes.input_scales import InputScaleError, input_scale_attr, insert_input_scales
+from awqfx.passes.observers import MeanAbsObserver, SampleObserver, insert_observers, is_observer, remove_observers
 from awqfx.passes.pack_linears import pack_linears
 from awqfx.passes.quantize_linears import quantize_linears
 from awqfx.passes.region import Region, extract_region

@@ -17,16 +17,7 @@ import torch
 import torch.fx as fx
 
 from awqfx.graph import (
-    DATA_MOVEMENT,
-    HOMOGENEOUS,
-    IDENTITY,
-    MATMULS,
-    METADATA,
-    LinearOp,
-    concrete,
-    example_value,
-    fetch_attr,
-    op_name,
+    DATA_MOVEMENT, HOMOGENEOUS, IDENTITY, MATMULS, METADATA, LinearOp, concrete, example_value, fetch_attr, op_name,
     shape_of,
 )
 

@@ -27,22 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from awqfx.graph import (
-    ACTIVATIONS,
-    DATA_MOVEMENT,
-    ELEMENTWISE,
-    IDENTITY,
-    METADATA,
-    ROUTING,
-    LinearOp,
-    example_value,
-    fetch_attr,
-    has_shapes,
-    linear_op,
-    node_path,
-    op_name,
-    param_name,
-    param_of,
-    shape_of,
+    ACTIVATIONS, DATA_MOVEMENT, ELEMENTWISE, IDENTITY, METADATA, ROUTING, LinearOp, example_value, fetch_attr,
+    has_shapes, linear_op, node_path, op_name, param_name, param_of, shape_of,
 )
 from awqfx.groups import Consumer, Discovery, Producer, Rejection, ScaleGroup
 from awqfx.passes.channels import ChannelPropagator

@@ -166,8 +166,9 @@ def test_workflow_imports_without_the_posix_resource_module(monkeypatch):
 
 def test_input_scales_that_do_not_match_the_graph_are_refused():
     """An activation group's input scale attaches by consumer weight name and size, or not at all."""
-    from awqfx.passes.input_scales import InputScaleError, insert_input_scales
     from tiny_models import build
+
+    from awqfx.passes.input_scales import InputScaleError, insert_input_scales
 
     gm = awqfx.capture(build("gpt2"))
     with pytest.raises(InputScaleError, match=r"no linear op of this graph reads: \['transformer.h.0.mlp.fc9.weight'\]"):

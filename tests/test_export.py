@@ -24,12 +24,7 @@ from awqfx.export import (
     save_quantized,
 )
 from awqfx.modules import QuantLinear
-from awqfx.packed_model import (
-    fp_weight_bytes,
-    pack_model,
-    packed_weight_bytes,
-    quantized_weight_of,
-)
+from awqfx.packed_model import fp_weight_bytes, pack_model, packed_weight_bytes, quantized_weight_of
 from awqfx.quant import QuantizedWeight, QuantSpec, quantize_weight
 
 ASYM4 = QuantSpec(bits=4, group_size=32, symmetric=False)
@@ -246,9 +241,7 @@ def test_autoawq_refusals(tmp_path):
 def test_compressed_tensors_export_decompresses_with_the_package(tmp_path, spec):
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.compressors.pack_quantized.base import (
-        PackedQuantizationCompressor,
-    )
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import apply_quantization_config
     from transformers import AutoConfig, AutoModelForCausalLM, CompressedTensorsConfig
 
@@ -479,12 +472,17 @@ def test_activation_scales_survive_pack_save_load(tmp_path):
         packed = apply_plan(model, plan, weights="packed", backend="dequant")
         got = packed(ids).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    save_quantized(packed, tmp_path / "q")
-    loaded = load_quantized(tmp_path / "q", backend="dequant")
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, got)
+    _round_trip_native(packed, tmp_path / "q", ids, got)
     with pytest.raises(ValueError, match="scale node"):
         save_quantized(packed, tmp_path / "ct", fmt="compressed-tensors")
+
+
+def _round_trip_native(packed, path, ids, got) -> None:
+    """The native file loads back to a model with bit-identical logits."""
+    save_quantized(packed, path)
+    loaded = load_quantized(path, backend="dequant")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, got)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
@@ -515,9 +513,6 @@ def test_moe_experts_are_packed_saved_and_loaded(arch, tmp_path):
     e = packed_experts(packed)[experts[0]]
     assert isinstance(e, PackedExperts) and e.weight_shape == tuple(model.get_parameter(experts[0]).shape)
     assert sum(t.numel() * t.element_size() for t in e.state_dict().values()) < model.get_parameter(experts[0]).numel()
-    save_quantized(packed, tmp_path / "q")
-    loaded = load_quantized(tmp_path / "q", backend="dequant")
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, got)
+    _round_trip_native(packed, tmp_path / "q", ids, got)
     with pytest.raises(ValueError, match="3-D fused MoE expert weight"):
         save_quantized(packed, tmp_path / "ct", fmt="compressed-tensors")

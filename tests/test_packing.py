@@ -12,11 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from awqfx.formats.autoawq import AWQ_ORDER, from_autoawq_gemm, to_autoawq_gemm
-from awqfx.formats.compressed_tensors import (
-    compressed_tensors_config,
-    from_compressed_tensors,
-    to_compressed_tensors,
-)
+from awqfx.formats.compressed_tensors import compressed_tensors_config, from_compressed_tensors, to_compressed_tensors
 from awqfx.packing import pack_int32, packed_length, unpack_int32
 from awqfx.quant import QuantSpec, dequantize, quantize_weight
 
@@ -267,9 +263,7 @@ def _ct_scheme(spec):
 
 def _ct_decompress(tensors, spec):
     _, scheme = _ct_scheme(spec)
-    from compressed_tensors.compressors.pack_quantized import (
-        PackedQuantizationCompressor,
-    )
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
 
     return PackedQuantizationCompressor.decompress(dict(tensors), scheme)["weight"]
 
@@ -302,9 +296,7 @@ def test_compressed_tensors_package_decompress_property(case):
 def test_compressed_tensors_package_compress_matches_ours():
     """Their compressor, fed our dequantized weight and signed qparams, packs the same words."""
     pytest.importorskip("compressed_tensors")
-    from compressed_tensors.compressors.pack_quantized import (
-        PackedQuantizationCompressor,
-    )
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
 
     torch.manual_seed(5)
     for spec in (QuantSpec(4, 32), QuantSpec(3, 32), QuantSpec(8, -1, True), QuantSpec(4, 16, True)):

@@ -11,14 +11,7 @@ from awqfx.apply import apply_plan
 from awqfx.config import AWQConfig
 from awqfx.passes.region import extract_region
 from awqfx.quant import QuantSpec, fake_quantize
-from awqfx.search import (
-    block_grams,
-    clip_range,
-    clip_ratios,
-    input_gram,
-    refine_clip_jointly,
-    search,
-)
+from awqfx.search import block_grams, clip_range, clip_ratios, input_gram, refine_clip_jointly, search
 from awqfx.search.clip import group_minmax
 
 pytestmark = pytest.mark.usefixtures("one_thread")

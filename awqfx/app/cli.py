@@ -237,6 +237,14 @@ def _quant_flags(p: argparse.ArgumentParser, group_size: int, multi_bits: bool =
                         f"(avx512_bf16/AMX, sm80+), else float32 (default {dflt})")
 
 
+def _job_flags(p: argparse.ArgumentParser, func, group_size: int, multi_bits: bool = False) -> None:
+    """The flags every quantizing subcommand shares: progress, quantizer and search, calibration."""
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _quant_flags(p, group_size, multi_bits=multi_bits)
+    _calib_flags(p)
+    p.set_defaults(func=func)
+
+
 def _calib_flags(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", metavar="FILE|DIR", help="calibration text: a file or a directory of .txt/.md "
@@ -281,10 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=["awq", "rtn"], default="awq", help="awq (default) or rtn (round-to-nearest baseline)")
     q.add_argument("--eval", metavar="FILE", help="report perplexity before/after on this text file ('-': bundled held-out plays)")
     q.add_argument("--eval-windows", type=int, default=16, help="512-token windows for --eval (default 16)")
-    q.add_argument("--quiet", action="store_true", help="no progress bars")
-    _quant_flags(q, 128)
-    _calib_flags(q)
-    q.set_defaults(func=cmd_quantize)
+    _job_flags(q, cmd_quantize, group_size=128)
 
     e = sub.add_parser("eval", help="perplexity of fp / RTN / AWQ across bit widths",
                        description="Quantize MODEL with each method at each bit width (fake-quant graphs) and print "
@@ -295,10 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=16, help="evaluate at most this many windows, spread over the text (default 16)")
     e.add_argument("--json", metavar="FILE", help="write the results as JSON")
     e.add_argument("--plot", metavar="FILE.png", help="write a perplexity-vs-bits plot")
-    e.add_argument("--quiet", action="store_true", help="no progress bars")
-    _quant_flags(e, 64, multi_bits=True)
-    _calib_flags(e)
-    e.set_defaults(func=cmd_eval)
+    _job_flags(e, cmd_eval, group_size=64, multi_bits=True)
 
     b = sub.add_parser("bench", help="size and speed: fp32, bf16 and packed int4",
                        description="Measure on-disk size, resident weight bytes, prefill and decode tokens/s of the "

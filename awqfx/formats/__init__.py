@@ -26,31 +26,15 @@ from torch import nn
 from awqfx.formats import autoawq, compressed_tensors, native
 from awqfx.formats.autoawq import load_autoawq_qweights
 from awqfx.formats.common import (
-    PLAN_SUBDIR,
-    WEIGHTS_NAME,
-    FormatError,
-    Layer,
-    QuantizedFileError,
-    config_dict,
-    write_checkpoint,
+    PLAN_SUBDIR, WEIGHTS_NAME, FormatError, Layer, QuantizedFileError, config_dict, write_checkpoint,
 )
 from awqfx.formats.compressed_tensors import load_compressed_tensors_qweights
 from awqfx.formats.native import NATIVE_FORMAT_VERSION, load_quantized
 from awqfx.packed_model import packed_modules
 
 __all__ = [
-    "FORMATS",
-    "NATIVE_FORMAT_VERSION",
-    "WEIGHTS_NAME",
-    "PLAN_SUBDIR",
-    "FormatError",
-    "Layer",
-    "QuantizedFileError",
-    "check_format",
-    "save_quantized",
-    "load_quantized",
-    "load_autoawq_qweights",
-    "load_compressed_tensors_qweights",
+    "FORMATS", "NATIVE_FORMAT_VERSION", "WEIGHTS_NAME", "PLAN_SUBDIR", "FormatError", "Layer", "QuantizedFileError",
+    "check_format", "save_quantized", "load_quantized", "load_autoawq_qweights", "load_compressed_tensors_qweights",
 ]
 
 _MODULES = {native.NAME: native, autoawq.NAME: autoawq, compressed_tensors.NAME: compressed_tensors}

@@ -30,17 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from awqfx.formats.common import (
-    Layer,
-    QuantizedFileError,
-    divisor_hint,
-    format_error,
-    linear_only_problems,
-    mismatch,
-    packed_layers,
-    packing_problems,
-    read_all,
-    split_state,
-    unquantized_linears,
+    Layer, QuantizedFileError, divisor_hint, linear_only_problems, mismatch, packed_layers, packing_problems,
+    read_all, refuse, split_state, unquantized_linears,
 )
 from awqfx.modules import QuantLinear
 from awqfx.packed_model import quantized_weight_of
@@ -99,9 +90,7 @@ def _require_gemm(qw_shape: tuple[int, int], spec: QuantSpec, where: str) -> Non
 
 
 def payload(model: nn.Module, qmods: Mapping[str, QuantLinear]) -> tuple[dict[str, torch.Tensor], dict]:
-    problems = check(packed_layers(model, qmods))
-    if problems:
-        raise format_error(NAME, problems)
+    refuse(NAME, check(packed_layers(model, qmods)))
     tensors = split_state(model, qmods)
     for prefix, m in qmods.items():
         for local, t in to_autoawq_gemm(quantized_weight_of(m)).items():

@@ -145,6 +145,12 @@ def format_error(fmt: str, problems: list[str]) -> FormatError:
     return FormatError(f"cannot export as {fmt}: " + "; ".join(problems) + ".")
 
 
+def refuse(fmt: str, problems: list[str]) -> None:
+    """Raise :class:`FormatError` listing ``problems``, if there are any."""
+    if problems:
+        raise format_error(fmt, problems)
+
+
 def packed_layers(model: nn.Module, qmods: Mapping[str, QuantLinear]) -> list[Layer]:
     """The packed modules of ``model`` as :class:`Layer` descriptions, for a writer's check.
 

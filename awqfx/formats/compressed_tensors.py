@@ -38,19 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from awqfx.formats.common import (
-    CONFIG_NAME,
-    Layer,
-    QuantizedFileError,
-    divisor_hint,
-    float_dtype,
-    format_error,
-    linear_only_problems,
-    mismatch,
-    packed_layers,
-    packing_problems,
-    read_all,
-    split_state,
-    unquantized_linears,
+    CONFIG_NAME, Layer, QuantizedFileError, divisor_hint, float_dtype, linear_only_problems, mismatch,
+    packed_layers, packing_problems, read_all, refuse, split_state, unquantized_linears,
 )
 from awqfx.modules import QuantLinear
 from awqfx.packed_model import quantized_weight_of
@@ -97,9 +86,7 @@ def _require_whole_groups(shape: tuple[int, ...], spec: QuantSpec, where: str) -
 
 
 def payload(model: nn.Module, qmods: Mapping[str, QuantLinear]) -> tuple[dict[str, torch.Tensor], dict]:
-    problems = check(packed_layers(model, qmods))
-    if problems:
-        raise format_error(NAME, problems)
+    refuse(NAME, check(packed_layers(model, qmods)))
     m0 = next(iter(qmods.values()))
     spec = QuantSpec(bits=m0.bits, group_size=m0.group_size, symmetric=bool(m0.symmetric))
     scale_dtype = float_dtype(model)

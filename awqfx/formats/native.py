@@ -30,22 +30,8 @@ from transformers import CONFIG_MAPPING, GenerationConfig
 
 from awqfx.apply import InputScale
 from awqfx.formats.common import (
-    CONFIG_NAME,
-    INPUT_SCALE,
-    QL_TENSORS,
-    Layer,
-    QuantizedFileError,
-    SafeFile,
-    alias_groups,
-    build_skeleton,
-    dedupe_state,
-    format_error,
-    input_scales,
-    mismatch,
-    packed_layers,
-    packing_problems,
-    parent_map,
-    read_config,
+    CONFIG_NAME, INPUT_SCALE, QL_TENSORS, Layer, QuantizedFileError, SafeFile, alias_groups, build_skeleton,
+    dedupe_state, input_scales, mismatch, packed_layers, packing_problems, parent_map, read_config, refuse,
     weights_file,
 )
 from awqfx.modules import QuantLinear
@@ -69,9 +55,7 @@ def check(layers: list[Layer]) -> list[str]:
 
 
 def payload(model: nn.Module, qmods: Mapping[str, QuantLinear]) -> tuple[dict[str, torch.Tensor], dict]:
-    problems = check(packed_layers(model, qmods))
-    if problems:
-        raise format_error(NAME, problems)
+    refuse(NAME, check(packed_layers(model, qmods)))
     tensors = dedupe_state(model.state_dict())
     modules = {
         prefix: {

@@ -3,13 +3,7 @@
 ``schedule`` (task order, liveness), ``replay`` (the loss-sample replay), ``scales`` (statistics,
 candidates, region losses), ``clip`` (clip ranges, joint refinement), ``driver`` (the loop).
 """
-from awqfx.search.clip import (
-           block_grams,
-           clip_range,
-           clip_ratios,
-           input_gram,
-           refine_clip_jointly,
-)
+from awqfx.search.clip import block_grams, clip_range, clip_ratios, input_gram, refine_clip_jointly
 from awqfx.search.driver import gap_recovered, group_losses, rtn_plan, search
 
 __all__ = ["search", "rtn_plan", "group_losses", "gap_recovered", "clip_range", "clip_ratios", "block_grams",
