@@ -164,13 +164,13 @@ def test_quantize_refuses_bad_input_before_work(tiny_dir, tmp_path, capsys):
 @pytest.fixture
 def no_calibration(monkeypatch):
     """Calibrating or searching fails the test: the refusals below must come before either."""
-    import awqfx.api
+    import awqfx.app.jobs
 
     def too_late(*args, **kwargs):
         raise AssertionError("calibration or search was reached: the refusal came too late")
 
-    monkeypatch.setattr(awqfx.api, "calibrate", too_late)
-    monkeypatch.setattr(awqfx.api, "search", too_late)
+    monkeypatch.setattr(awqfx.app.jobs, "calibrate", too_late)
+    monkeypatch.setattr(awqfx.app.jobs, "search", too_late)
 
 
 @pytest.mark.parametrize("arch, overrides, flags, needles", [

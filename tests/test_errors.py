@@ -130,17 +130,17 @@ def test_quantized_tied_head_is_refused_before_calibration(tmp_path, monkeypatch
     tied head, so quantize_model refuses right after discovery, naming lm_head."""
     from tiny_models import save_model_dir
 
-    import awqfx.api
+    import awqfx.app.jobs
     from awqfx.app.jobs import quantize_model
     from awqfx.formats import FormatError
 
     def too_late(*args, **kwargs):
         raise AssertionError("calibration or search was reached: the refusal came too late")
 
-    monkeypatch.setattr(awqfx.api, "calibrate", too_late)
-    monkeypatch.setattr(awqfx.api, "search", too_late)
+    monkeypatch.setattr(awqfx.app.jobs, "calibrate", too_late)
+    monkeypatch.setattr(awqfx.app.jobs, "search", too_late)
     save_model_dir(tmp_path / "model", "llama", tie_word_embeddings=True)
-    cfg = AWQConfig(group_size=32, quantize_head=True)
+    cfg = AWQConfig.of(group_size=32, quantize_head=True)
     with pytest.raises(FormatError, match=r"layer lm_head\.weight .* is tied"):
         quantize_model(str(tmp_path / "model"), str(tmp_path / "q"), cfg, samples=2, seq_len=16, progress=False)
     assert not (tmp_path / "q").exists()

@@ -125,8 +125,8 @@ def test_awq_beats_rtn_on_a_model_with_outlier_channels():
             layer.post_attention_layernorm.weight[:4] *= 10
     gm = awqfx.capture(m)
     cfg = dict(bits=4, group_size=16, n_grid=10, clip="none")
-    awq = apply_awq_pass(gm, _calib(), AWQConfig(**cfg), progress=False)
-    rtn = apply_awq_pass(gm, None, AWQConfig(**cfg, method="rtn"), progress=False)
+    awq = apply_awq_pass(gm, _calib(), AWQConfig.of(**cfg), progress=False)
+    rtn = apply_awq_pass(gm, None, AWQConfig.of(**cfg, method="rtn"), progress=False)
     norm_groups = [g for g in awq.meta["awqfx_plan"].groups if g.group.producer.kind == "norm"]
     assert len(norm_groups) == 4
     for g in norm_groups:
