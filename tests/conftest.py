@@ -2,6 +2,14 @@
 import os
 
 import pytest
+import torch
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, split the cores between the workers instead of oversubscribing them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def pytest_collection_modifyitems(config, items):
