@@ -251,3 +251,21 @@ def test_bench_prints_table(tiny_dir, tmp_path, capsys):
     assert packed["quantized_layers_vs_bf16"] < 0.35
     assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in res["rows"])
     assert "decode tok/s" in capsys.readouterr().out
+
+
+def test_seq_len_beyond_the_models_positions_is_refused_before_work(tiny_dir, tmp_path, capsys, no_calibration):
+    """A --seq-len the model cannot attend over would only grow until the OS kills the run: exit 2 first."""
+    args = ["--samples", "2", "--seq-len", "1000", "--quiet"]
+    assert main(["quantize", str(tiny_dir), "--out", str(tmp_path / "q")] + args) == 2
+    err = capsys.readouterr().err
+    assert "--seq-len 1000 is longer than LlamaForCausalLM's 128 positions" in err and not (tmp_path / "q").exists()
+    assert main(["eval", str(tiny_dir), "--bits", "4", "--group-size", "32"] + args) == 2
+    assert "use --seq-len 128 or less" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "awqfx", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "quantize" in out.stdout and "inspect" in out.stdout

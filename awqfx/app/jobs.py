@@ -15,13 +15,14 @@ from typing import Any
 import matplotlib
 import matplotlib.pyplot as plt
 import torch
+import torch.nn as nn
 
 from awqfx.api import calibrate, convert, prepare, search
 from awqfx.app import assets
 from awqfx.app.evaluate import perplexity, windows_for_eval
 from awqfx.apply import apply_plan
 from awqfx.capture import capture
-from awqfx.config import AWQConfig
+from awqfx.config import AWQConfig, ConfigError
 from awqfx.formats import FormatError, Layer, check_format, save_quantized
 from awqfx.formats.common import alias_groups
 from awqfx.params import get_param
@@ -78,6 +79,15 @@ def layers_to_quantize(observed, cfg: AWQConfig) -> list[Layer]:
             for w in observed.discovery.quantizable if w in observed.linears]
 
 
+def check_seq_len(model: nn.Module, seq_len: int) -> None:
+    """Refuse a sequence length the model cannot attend over (its ``max_position_embeddings``),
+    before any calibration work: such a run only grows until the OS kills it."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise ConfigError(f"--seq-len {seq_len} is longer than {type(model).__name__}'s {limit} positions "
+                          f"(config.max_position_embeddings); use --seq-len {limit} or less")
+
+
 def refuse_unfit_format(fmt: str, observed, cfg: AWQConfig) -> None:
     """Raise :class:`FormatError` listing every layer ``fmt`` cannot hold, before any long work."""
     problems = check_format(fmt, layers_to_quantize(observed, cfg))
@@ -107,6 +117,7 @@ def quantize_model(
     rep = Report()
     with rep.stage("load model"):
         model, tok = assets.load_model(model_path)
+    check_seq_len(model, seq_len)
     n_params = sum(p.numel() for p in model.parameters())
     rep.facts["model"] = f"{type(model).__name__} ({n_params / 1e6:.1f}M parameters)"
     with rep.stage("calibration text"):
@@ -165,6 +176,7 @@ def compare_methods(
     statistics (they do not depend on the quantizer), so ``--bits 3,4`` costs one calibration.
     """
     model, tok = assets.load_model(model_path)
+    check_seq_len(model, seq_len)
     wins = windows_for_eval(tok, text, seq_len, max_windows=max_windows)
     gm = capture(model)
     observed = None
