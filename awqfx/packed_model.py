@@ -57,7 +57,7 @@ def _split_fqn(fqn: str) -> str:
     return fqn[: -len(".weight")] if fqn != "weight" else ""
 
 
-def _parent_map(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+def parent_map(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     """id(module) -> every (parent, attribute name) under which it is registered (modules may be shared)."""
     out: dict[int, list[tuple[nn.Module, str]]] = {}
     for parent in model.modules():  # each parent once
@@ -187,7 +187,7 @@ def pack_model(
         if ql.qweight.device != dev and dev.type != "meta":
             ql = ql.to(dev)
         built.append((module, ql))
-    parents = _parent_map(model)
+    parents = parent_map(model)
     for module, ql in built:
         # an activation group's 1/s lives in a forward pre-hook on its consumer: keep it
         ql._forward_pre_hooks.update(module._forward_pre_hooks)

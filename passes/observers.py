@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from awqfx.graph import linear_table, param_name
+from awqfx.graph import linear_op, param_name
 from awqfx.groups import ScaleGroup
 
 __all__ = ["MeanAbsObserver", "SampleObserver", "NonFiniteActivationError", "is_observer", "insert_observers",
@@ -158,12 +158,11 @@ def insert_observers(gm: fx.GraphModule, groups: list[ScaleGroup],
     """Insert a :class:`MeanAbsObserver` after each consumer input of ``groups`` and, when
     ``loss_samples`` > 0, a :class:`SampleObserver` after each non-parameter graph input, in place.
     Returns ``(mean observers by data node, sample observers by graph input)``."""
-    _, data_of = linear_table(gm)
     by_name = {n.name: n for n in gm.graph.nodes}
     serves: dict[str, list[str]] = {}
     for g in groups:
         for c in g.consumers:
-            names = serves.setdefault(data_of[c.node], [])
+            names = serves.setdefault(linear_op(gm, by_name[c.node]).data.name, [])
             if g.name not in names:
                 names.append(g.name)
     means: dict[str, MeanAbsObserver] = {}

@@ -39,6 +39,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from awqfx.apply import InputScale
+from awqfx.graph import float_dtype
 from awqfx.modules import QuantLinear
 from awqfx.packed_experts import packed_experts
 from awqfx.quant import QuantSpec
@@ -219,15 +220,6 @@ def build_skeleton(config: Any) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def parent_map(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    out: dict[int, list[tuple[nn.Module, str]]] = {}
-    for parent in model.modules():
-        for child_name, child in parent._modules.items():
-            if child is not None:
-                out.setdefault(id(child), []).append((parent, child_name))
-    return out
-
-
 def alias_groups(model: nn.Module) -> list[list[str]]:
     """Names that refer to the same parameter/buffer object (tied weights), groups of 2+."""
     by_id: dict[int, list[str]] = {}
@@ -278,13 +270,6 @@ def split_state(model: nn.Module, qmods: Mapping[str, QuantLinear]) -> dict[str,
     return dedupe_state({k: v for k, v in state.items() if k not in quantized_keys})
 
 
-def float_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
 def unquantized_linears(model: nn.Module) -> list[str]:
     """Names of ``nn.Linear`` modules still in float (``lm_head``, MoE routers, ...)."""
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -299,7 +284,7 @@ def config_dict(model: nn.Module, qcfg: dict) -> dict:
     cfg["quantization_config"] = qcfg
     if not cfg.get("architectures"):
         cfg["architectures"] = [type(model).__name__]
-    dtype = float_dtype(model)
+    dtype = float_dtype(model) or torch.float32
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     return cfg
 

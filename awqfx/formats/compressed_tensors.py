@@ -38,10 +38,11 @@ import torch
 from torch import Tensor, nn
 
 from awqfx.formats.common import (
-    CONFIG_NAME, Layer, QuantizedFileError, divisor_hint, float_dtype, linear_only_problems, mismatch,
+    CONFIG_NAME, Layer, QuantizedFileError, divisor_hint, linear_only_problems, mismatch,
     packed_layers, packing_problems, read_all, refuse, split_state, unquantized_linears,
 )
 from awqfx.modules import QuantLinear
+from awqfx.graph import float_dtype
 from awqfx.packed_model import quantized_weight_of
 from awqfx.packing import pack_int32, unpack_int32
 from awqfx.quant import QuantizedWeight, QuantSpec, num_groups
@@ -89,7 +90,7 @@ def payload(model: nn.Module, qmods: Mapping[str, QuantLinear]) -> tuple[dict[st
     refuse(NAME, check(packed_layers(model, qmods)))
     m0 = next(iter(qmods.values()))
     spec = QuantSpec(bits=m0.bits, group_size=m0.group_size, symmetric=bool(m0.symmetric))
-    scale_dtype = float_dtype(model)
+    scale_dtype = float_dtype(model) or torch.float32
     tensors = split_state(model, qmods)
     for prefix, m in qmods.items():
         for local, t in to_compressed_tensors(quantized_weight_of(m), scale_dtype=scale_dtype).items():

@@ -31,11 +31,12 @@ from transformers import CONFIG_MAPPING, GenerationConfig
 from awqfx.apply import InputScale
 from awqfx.formats.common import (
     CONFIG_NAME, INPUT_SCALE, QL_TENSORS, Layer, QuantizedFileError, SafeFile, alias_groups, build_skeleton,
-    dedupe_state, input_scales, mismatch, packed_layers, packing_problems, parent_map, read_config, refuse,
+    dedupe_state, input_scales, mismatch, packed_layers, packing_problems, read_config, refuse,
     weights_file,
 )
 from awqfx.modules import QuantLinear
 from awqfx.packed_experts import PackedExperts, attach, packed_experts
+from awqfx.packed_model import parent_map
 from awqfx.quant import QuantSpec
 
 NAME = "awqfx"
