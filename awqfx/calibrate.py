@@ -25,7 +25,7 @@ from awqfx.passes.observers import is_observer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["calibrate", "CalibrationError", "iter_batches"]
+__all__ = ["calibrate", "CalibrationError", "iter_batches", "loss_sample_order"]
 
 
 class CalibrationError(ValueError):
@@ -53,7 +53,7 @@ def _check_input_shapes(gm: fx.GraphModule, args: tuple[torch.Tensor, ...]) -> N
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, arg in zip(inputs, args):
         fixed = traced_input_shape(node)
-        if fixed is None:
+        if fixed is None or not isinstance(arg, torch.Tensor):
             continue
         if len(fixed) == arg.dim() and all(f is None or f == s for f, s in zip(fixed, arg.shape)):
             continue
@@ -64,6 +64,16 @@ def _check_input_shapes(gm: fx.GraphModule, args: tuple[torch.Tensor, ...]) -> N
             "awqfx.capture(model, static_inputs=(calib[:batch_size],)), and give a number of sequences that is a "
             "multiple of the config's batch_size."
         )
+
+
+def _batch_args(batch: Any) -> tuple:
+    """A batch as graph arguments: a tensor (token ids; 1-D gets a batch dim) or a tuple of values
+    (a block's inputs: tensors, and the sizes the graph reads as Python ints)."""
+    if isinstance(batch, (list, tuple)):
+        return tuple(b if isinstance(b, (torch.Tensor, int, float, bool)) or b is None else torch.as_tensor(b)
+                     for b in batch)
+    x = torch.as_tensor(batch)
+    return (x.unsqueeze(0) if x.dim() == 1 else x,)
 
 
 def _calibration_module(observed: ObservedGraph) -> fx.GraphModule:
@@ -87,7 +97,7 @@ def _calibration_module(observed: ObservedGraph) -> fx.GraphModule:
     return cm
 
 
-def _loss_sample_first(n: int, k: int) -> torch.Tensor:
+def loss_sample_order(n: int, k: int) -> torch.Tensor:
     """An order of ``n`` rows whose first ``k`` are evenly spaced over all ``n``.
 
     The search's loss sample is the first ``k`` calibration sequences; calibration windows are cut
@@ -124,7 +134,7 @@ def calibrate(observed: ObservedGraph, batches: Any, device: str | torch.device 
         observed._calib_gm = None
     cm = _calibration_module(observed)
     if isinstance(batches, torch.Tensor) and batches.dim() == 2 and observed.sample_observers:
-        batches = batches[_loss_sample_first(batches.shape[0], cfg.runtime.loss_samples)]
+        batches = batches[loss_sample_order(batches.shape[0], cfg.runtime.loss_samples)]
     it = iter_batches(batches, cfg.runtime.batch_size)
     total = None
     if isinstance(batches, torch.Tensor):
@@ -136,23 +146,17 @@ def calibrate(observed: ObservedGraph, batches: Any, device: str | torch.device 
     bar = tqdm(it, total=total, desc="awq calibrate", unit="batch", disable=not progress)
     with torch.no_grad(), cfg.autocast("calib", dev, float_dtype(observed.gm)):
         for batch in bar:
-            if isinstance(batch, (list, tuple)):
-                args = tuple(torch.as_tensor(b) for b in batch)
-            else:
-                args = (torch.as_tensor(batch),)
-            x = args[0]
-            if x.dim() == 1:
-                x = x.unsqueeze(0)
-                args = (x,) + args[1:]
-            if x.numel() == 0:
+            args = _batch_args(batch)
+            x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            if x is None or x.numel() == 0:
                 continue
-            if x.dim() >= 2 and x.shape[1] < 2:
+            if x.dtype in (torch.int64, torch.int32) and x.dim() == 2 and x.shape[1] < 2:  # token ids
                 raise CalibrationError(
                     f"calibration sequences of {x.shape[1]} token are too short: need at least 2 tokens per "
                     "sequence (512 is the reference length)"
                 )
             _check_input_shapes(cm, args)
-            cm(*(a.to(dev) for a in args))
+            cm(*(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args))
             seen += 1
             observed.calibration["batches"] += 1
             observed.calibration["sequences"] += int(x.shape[0])

@@ -28,6 +28,21 @@ _PROPAGATE = ("fp", "quant")
 _AUTOCAST = ("auto", "bfloat16", "float16")
 
 
+def fast_half_matmul(device, dtype: torch.dtype) -> bool:
+    """Whether ``device`` multiplies ``dtype`` (bfloat16 / float16) matrices at least as fast as
+    float32: CUDA with bf16 support (sm80+) or any CUDA for float16; CPUs with avx512_bf16 / AMX
+    for bfloat16 (elsewhere torch's CPU half matmuls are tens of times slower than float32)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and (dtype == torch.float16 or torch.cuda.is_bf16_supported())
+    if dev.type == "cpu" and dtype == torch.bfloat16:
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
 class ConfigError(ValueError):
     """The config does not fit the model (e.g. a group size larger than a layer's inputs)."""
 
@@ -250,15 +265,7 @@ class AWQConfig:
             return name
         if model_dtype is not None and model_dtype != torch.float32:
             return None
-        dev = torch.device(device)
-        if dev.type == "cuda":
-            return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
-        if dev.type == "cpu":
-            try:
-                return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-            except (AttributeError, RuntimeError):
-                return None
-        return None
+        return "bfloat16" if fast_half_matmul(device, torch.bfloat16) else None
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

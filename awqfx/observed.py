@@ -43,3 +43,7 @@ class ObservedGraph:
     def loss_inputs(self) -> dict[str, Any]:
         """The recorded loss sample: graph input name -> first ``loss_samples`` rows."""
         return {name: obs.sample() for name, obs in self.sample_observers.items()}
+
+    def unbatched_inputs(self) -> set[str]:
+        """Graph inputs without a batch dim (the same value for every batch; see ``SampleObserver``)."""
+        return {name for name, obs in self.sample_observers.items() if not obs.batched}

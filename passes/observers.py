@@ -71,13 +71,18 @@ class MeanAbsObserver(nn.Module):
 
 
 class SampleObserver(nn.Module):
-    """Keeps the first ``max_rows`` rows (dim 0, the batch) of a graph input, on the CPU."""
+    """Keeps the first ``max_rows`` rows (dim 0, the batch) of a graph input, on the CPU.
+
+    An input without a batch dim (``batched=False``: e.g. a block's rope cos/sin of shape
+    ``[1, L, d]``, the same for every batch) keeps its first value, like a non-tensor input.
+    """
 
     _is_impure = True
 
-    def __init__(self, node: str, max_rows: int):
+    def __init__(self, node: str, max_rows: int, batched: bool = True):
         super().__init__()
         self.node = node
+        self.batched = batched
         self.max_rows = int(max_rows)
         self.chunks: list[torch.Tensor] = []
         self.rows = 0
@@ -85,9 +90,9 @@ class SampleObserver(nn.Module):
         self.value = None  # non-tensor / 0-d inputs: the first value seen
 
     def forward(self, x) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or not self.batched:
             if self.value is None:
-                self.value = x
+                self.value = x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else x
             return None
         if self.rows >= self.max_rows:
             return None
@@ -106,6 +111,26 @@ class SampleObserver(nn.Module):
 
     def extra_repr(self) -> str:
         return f"node={self.node!r}, rows={self.rows}/{self.max_rows}"
+
+
+def _same_size(a, b) -> bool:
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return str(a) == str(b)
+    return int(a) == int(b)
+
+
+def batched_inputs(gm: fx.GraphModule) -> set[str]:
+    """Names of the graph inputs whose dim 0 is the batch: the traced dim 0 of the first input whose
+    dim 0 is dynamic (else of the first tensor input); an input whose dim 0 differs (``[1, L, d]``
+    rope tables crossing into a block) is the same for every batch. Without traced values, all."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and param_name(gm, n) is None]
+    vals = {n.name: n.meta.get("val") for n in inputs}
+    tensors = {k: v for k, v in vals.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if not tensors or any(v is None for v in vals.values()):
+        return {n.name for n in inputs}
+    dynamic = [v.shape[0] for v in tensors.values() if isinstance(v.shape[0], torch.SymInt)]
+    batch = dynamic[0] if dynamic else next(iter(tensors.values())).shape[0]
+    return {k for k, v in tensors.items() if _same_size(v.shape[0], batch)}
 
 
 def is_observer(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -171,9 +196,10 @@ def insert_observers(gm: fx.GraphModule, groups: list[ScaleGroup],
         means[data] = MeanAbsObserver(data, names)
         insert_observer(gm, by_name[data], means[data], "awqfx_obs_mean")
     if loss_samples > 0:
+        batched = batched_inputs(gm)
         for n in [n for n in gm.graph.nodes if n.op == "placeholder"]:
             if param_name(gm, n) is None:
-                samples[n.name] = SampleObserver(n.name, loss_samples)
+                samples[n.name] = SampleObserver(n.name, loss_samples, batched=n.name in batched)
                 insert_observer(gm, n, samples[n.name], "awqfx_obs_sample")
     gm.recompile()
     return means, samples

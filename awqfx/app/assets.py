@@ -176,6 +176,30 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     logger.warning("converted %s in %.1f s", gguf.name, time.perf_counter() - t0)
 
 
+def resolve_model_dir(path: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face directory of ``path``: the directory itself, or for a ``.gguf`` file (``None``:
+    the bundled SmolLM2) its float32 conversion, made once in :func:`cache_dir`."""
+    if path is None:
+        path = default_model_gguf()
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        model_dir = _gguf_cache_path(path)
+        if not (model_dir / "config.json").is_file():
+            _convert_gguf(path, model_dir)
+        return model_dir
+    raise AssetError(
+        f"{path} is neither a model directory (with config.json) nor a .gguf file"
+        + ("" if path.exists() else " (it does not exist)")
+    )
+
+
+def load_tokenizer(model_dir: str | os.PathLike) -> "PreTrainedTokenizerBase":
+    _offline()
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
 def load_model(
     path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
@@ -185,21 +209,7 @@ def load_model(
     ``from_pretrained``; a ``.gguf`` file -> dequantized once into :func:`cache_dir` and loaded from
     there. ``model.config.use_cache`` is left as the checkpoint sets it.
     """
-    if path is None:
-        path = default_model_gguf()
-    path = Path(path).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
-        model_dir = path
-    elif path.is_file() and path.suffix.lower() == ".gguf":
-        model_dir = _gguf_cache_path(path)
-        if not (model_dir / "config.json").is_file():
-            _convert_gguf(path, model_dir)
-    else:
-        raise AssetError(
-            f"{path} is neither a model directory (with config.json) nor a .gguf file"
-            + ("" if path.exists() else " (it does not exist)")
-        )
-
+    model_dir = resolve_model_dir(path)
     _offline()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)

@@ -20,10 +20,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import awqfx
 from awqfx.app.assets import eval_text, load_model
 from awqfx.app.bench import format_bench, run_bench
-from awqfx.app.jobs import compare_methods, plot_results, quantize_model
+from awqfx.app.jobs import MODES, compare_methods, plot_results, quantize_model
 from awqfx.app.render import write_graph
+from awqfx.checkpoint import CheckpointError
 from awqfx.config import AWQConfig, ConfigError
 from awqfx.formats import FormatError
+from awqfx.passes.blocks import BlockSplitError
 from awqfx.passes.discover import discover
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -140,10 +142,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     try:
         rep = quantize_model(args.model, args.out, cfg, fmt=args.format, calib_source=args.calib, samples=args.samples,
                              seq_len=args.seq_len, eval_file=args.eval, eval_windows=args.eval_windows,
-                             overwrite=args.overwrite, progress=not args.quiet)
-    except (ConfigError, FormatError) as e:
+                             overwrite=args.overwrite, progress=not args.quiet,
+                             mode="sequential" if args.sequential else args.mode, offload_dir=args.offload_dir)
+    except (ConfigError, FormatError, CheckpointError, BlockSplitError) as e:
         raise UsageError(str(e)) from None
     print("\nawqfx quantize: done\n" + rep.table())
+    if args.report:
+        Path(args.report).write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
     return EXIT_OK
 
 
@@ -289,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=["awq", "rtn"], default="awq", help="awq (default) or rtn (round-to-nearest baseline)")
     q.add_argument("--eval", metavar="FILE", help="report perplexity before/after on this text file ('-': bundled held-out plays)")
     q.add_argument("--eval-windows", type=int, default=16, help="512-token windows for --eval (default 16)")
+    q.add_argument("--mode", choices=MODES, default="auto",
+                   help="whole: the whole model in memory; sequential: block by block from the checkpoint's "
+                        "safetensors (peak memory about one decoder layer); auto (default): whole when three copies "
+                        "of the weights fit in 80%% of the device's free memory, else sequential")
+    q.add_argument("--sequential", action="store_true", help="same as --mode sequential")
+    q.add_argument("--offload-dir", metavar="DIR", help="sequential mode: keep the calibration activations at the "
+                   "block boundary in files under DIR instead of in memory")
+    q.add_argument("--report", metavar="FILE.json", help="also write the summary, with the time of every block, as JSON")
     _job_flags(q, cmd_quantize, group_size=128)
 
     e = sub.add_parser("eval", help="perplexity of fp / RTN / AWQ across bit widths",

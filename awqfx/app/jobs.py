@@ -5,10 +5,11 @@ Each function is usable from Python too; the CLI only parses flags and prints.
 from __future__ import annotations
 
 import logging
+import statistics
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,16 @@ import torch
 import torch.nn as nn
 
 from awqfx.api import calibrate, convert, prepare, search
-from awqfx.app import assets
+from awqfx.app import assets, budget
 from awqfx.app.evaluate import perplexity, windows_for_eval
 from awqfx.apply import apply_plan
 from awqfx.capture import capture
+from awqfx.checkpoint import Checkpoint, CheckpointError, checkpoint_dtype
 from awqfx.config import AWQConfig, ConfigError
-from awqfx.formats import FormatError, Layer, check_format, save_quantized
+from awqfx.formats import FormatError, Layer, check_format, load_quantized, save_quantized
 from awqfx.formats.common import alias_groups
 from awqfx.params import get_param
+from awqfx.sequential import open_sequential, quantize_sequential
 
 try:
     import resource
@@ -53,12 +56,18 @@ class Report:
 
     stages: dict[str, float] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
+    blocks: list[dict[str, Any]] = field(default_factory=list)
 
     @contextmanager
     def stage(self, name: str):
         t0 = time.perf_counter()
         yield
         self.stages[name] = time.perf_counter() - t0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (``awqfx quantize --report``)."""
+        return {"stages": dict(self.stages), "facts": {k: str(v) for k, v in self.facts.items()},
+                "blocks": list(self.blocks), "total_s": sum(self.stages.values()), "peak_rss_mb": peak_rss_mb()}
 
     def table(self) -> str:
         rows = [(k, v) for k, v in self.facts.items()]
@@ -97,6 +106,21 @@ def refuse_unfit_format(fmt: str, observed, cfg: AWQConfig) -> None:
 
 
 
+MODES = ("auto", "whole", "sequential")
+
+
+def choose_mode(mode: str, ckpt_bytes: int, device: str | None) -> tuple[str, str]:
+    """``(mode, why)``: ``auto`` runs the whole graph when three copies of the weights fit
+    comfortably (80 %) in the device's memory, else block by block."""
+    if mode != "auto":
+        return mode, "asked for"
+    avail, where = budget.available_memory(device)
+    need = budget.RUNTIME_BYTES + 3 * ckpt_bytes
+    if need <= 0.8 * avail:
+        return "whole", f"3 x {ckpt_bytes / 2**30:.2f} GiB of weights fit in {avail / 2**30:.1f} GiB {where}"
+    return "sequential", f"3 x {ckpt_bytes / 2**30:.2f} GiB of weights do not fit in {avail / 2**30:.1f} GiB {where}"
+
+
 def quantize_model(
     model_path: str | None,
     out_dir: str,
@@ -109,14 +133,63 @@ def quantize_model(
     eval_windows: int = 16,
     overwrite: bool = False,
     progress: bool = True,
+    mode: str = "auto",
+    dtype: torch.dtype | None = None,
+    offload_dir: str | None = None,
 ) -> Report:
-    """Load, capture, calibrate, search, pack and save; returns the report for the summary."""
+    """Load, capture, calibrate, search, pack and save; returns the report for the summary.
+
+    ``mode``: ``whole`` (the whole graph in memory), ``sequential`` (block by block from the
+    checkpoint's safetensors, :mod:`awqfx.sequential`) or ``auto`` (:func:`choose_mode`).
+    """
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     rep = Report()
+    with rep.stage("open checkpoint"):
+        model_dir = assets.resolve_model_dir(model_path)
+        try:
+            ckpt = Checkpoint(model_dir)
+        except CheckpointError:
+            if mode == "sequential":
+                raise
+            ckpt = None  # not safetensors: whole-graph mode only (transformers reads it)
+        dtype = dtype or checkpoint_dtype(model_dir) or (ckpt.dtype() if ckpt else None) or torch.float32
+        if ckpt is None:
+            mode, why = "whole", "the checkpoint is not in safetensors"
+        else:
+            stored = (ckpt.dtype() or torch.float32).itemsize
+            mode, why = choose_mode(mode, ckpt.nbytes() * dtype.itemsize // stored, cfg.runtime.device)
+    rep.facts["mode"] = f"{'block by block' if mode == 'sequential' else 'whole graph'} ({why})"
+    if mode == "sequential":
+        _quantize_blocks(rep, model_dir, out, cfg, fmt, calib_source, samples, seq_len, dtype, offload_dir,
+                         overwrite, progress)
+        model = packed = None
+        tok = assets.load_tokenizer(model_dir)
+    else:
+        model, tok, packed = _quantize_whole(rep, model_dir, out, cfg, fmt, calib_source, samples, seq_len, dtype,
+                                             overwrite, progress)
+    rep.facts["size after"] = f"{dir_size(out) / 2**20:.1f} MiB on disk ({out})"
+    if eval_file is not None:
+        text = Path(eval_file).read_text(encoding="utf-8", errors="replace") if eval_file != "-" else assets.eval_text()
+        wins = windows_for_eval(tok, text, seq_len, max_windows=eval_windows)
+        with rep.stage("evaluate"):
+            if model is None:
+                model, _ = assets.load_model(model_dir, dtype=dtype)
+                packed = load_quantized(out)
+            before = perplexity(model, wins, progress=progress)
+            after = perplexity(packed, wins, progress=progress)
+        rep.facts["perplexity before"] = f"{before:.3f} ({wins.shape[0]} x {wins.shape[1]} tokens)"
+        rep.facts["perplexity after"] = f"{after:.3f}"
+    return rep
+
+
+def _quantize_whole(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fmt: str, calib_source, samples: int,
+                    seq_len: int, dtype: torch.dtype, overwrite: bool, progress: bool):
     with rep.stage("load model"):
-        model, tok = assets.load_model(model_path)
+        model, tok = assets.load_model(model_dir, dtype=dtype)
     check_seq_len(model, seq_len)
     n_params = sum(p.numel() for p in model.parameters())
     rep.facts["model"] = f"{type(model).__name__} ({n_params / 1e6:.1f}M parameters)"
@@ -131,30 +204,71 @@ def quantize_model(
     d = observed.discovery
     rep.facts["scale groups"] = f"{len(d.groups)} found, {len(d.rejected)} rejected candidates"
     refuse_unfit_format(fmt, observed, cfg)
+    fp_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    est = budget.estimate_memory(gm, samples=samples if calib is not None else 0, seq_len=seq_len,
+                                 batch_size=cfg.runtime.batch_size,
+                                 loss_samples=cfg.runtime.loss_samples if calib is not None else 0,
+                                 weight_bytes=fp_bytes)
+    budget.check_fits(est, cfg.runtime.device, "lower --seq-len or --samples, or quantize block by block (--sequential)")
+    rep.facts["memory estimate"] = f"{est.total / 2**30:.2f} GiB ({est.describe()})"
     if cfg.needs_calibration:
         with rep.stage("calibrate"):
             calibrate(observed, calib, progress=progress)
     with rep.stage("search"):
         plan = search(observed, cfg, progress=progress)
-    rep.facts["quantized weights"] = f"{len(plan.weights)} ({cfg.weights.bits}-bit, group {cfg.weights.group_size}, " \
-                                     f"{'symmetric' if cfg.weights.symmetric else 'asymmetric'})"
+    _describe_weights(rep, plan, cfg)
     with rep.stage("pack"):
         packed = apply_plan(model, plan, weights="packed")
     with rep.stage("save"), tempfile.TemporaryDirectory() as tmp:
         plan.save(Path(tmp) / "plan")
         save_quantized(packed, out, fmt=fmt, tokenizer=tok, plan_dir=Path(tmp) / "plan", overwrite=overwrite)
-    fp_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     rep.facts["size before"] = f"{fp_bytes / 2**20:.1f} MiB ({next(model.parameters()).dtype}, in memory)"
-    rep.facts["size after"] = f"{dir_size(out) / 2**20:.1f} MiB on disk ({out})"
-    if eval_file is not None:
-        text = Path(eval_file).read_text(encoding="utf-8", errors="replace") if eval_file != "-" else assets.eval_text()
-        wins = windows_for_eval(tok, text, seq_len, max_windows=eval_windows)
-        with rep.stage("evaluate"):
-            before = perplexity(model, wins, progress=progress)
-            after = perplexity(packed, wins, progress=progress)
-        rep.facts["perplexity before"] = f"{before:.3f} ({wins.shape[0]} x {wins.shape[1]} tokens)"
-        rep.facts["perplexity after"] = f"{after:.3f}"
-    return rep
+    return model, tok, packed
+
+
+def _describe_weights(rep: Report, plan, cfg: AWQConfig) -> None:
+    rep.facts["quantized weights"] = f"{len(plan.weights)} ({cfg.weights.bits}-bit, group {cfg.weights.group_size}, " \
+                                     f"{'symmetric' if cfg.weights.symmetric else 'asymmetric'})"
+
+
+def _quantize_blocks(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fmt: str, calib_source, samples: int,
+                     seq_len: int, dtype: torch.dtype, offload_dir: str | None, overwrite: bool,
+                     progress: bool) -> None:
+    with rep.stage("capture + discover"):
+        sm = open_sequential(model_dir, dtype=dtype, quantize_head=cfg.quantize_head, device=cfg.runtime.device)
+    check_seq_len(sm.skeleton, seq_len)
+    n_params = sum(p.numel() for p in sm.skeleton.parameters())
+    rep.facts["model"] = (f"{type(sm.skeleton).__name__} ({n_params / 1e6:.1f}M parameters, {dtype}, "
+                          f"computed in {sm.compute_dtype})")
+    d = sm.discovery
+    rep.facts["scale groups"] = f"{len(d.groups)} found, {len(d.rejected)} rejected candidates"
+    rep.facts["blocks"] = f"{len(sm.blocks)} ({sum(bool(set(b.params) & set(d.quantizable)) for b in sm.blocks)} quantized)"
+    refuse_unfit_format(fmt, sm.observed_view(cfg), cfg)
+    sizes = [sm.block_bytes(b) for b in sm.blocks]
+    quantized = [s for b, s in zip(sm.blocks, sizes) if set(b.params) & set(d.quantizable)]
+    outside = sum(s for b, s in zip(sm.blocks, sizes) if not set(b.params) & set(d.quantizable))
+    est = budget.estimate_memory(sm.gm, samples=samples if cfg.needs_calibration else 0, seq_len=seq_len,
+                                 batch_size=cfg.runtime.batch_size,
+                                 loss_samples=cfg.runtime.loss_samples if cfg.needs_calibration else 0,
+                                 weight_bytes=sum(sizes), blocks=sm.blocks, block_bytes=quantized,
+                                 outside_bytes=outside, offload=offload_dir is not None)
+    budget.check_fits(est, cfg.runtime.device, "lower --seq-len or --samples, or keep the boundary on disk "
+                      "(--offload-dir)")
+    rep.facts["memory estimate"] = f"{est.total / 2**30:.2f} GiB ({est.describe()})"
+    tok = assets.load_tokenizer(model_dir)
+    with rep.stage("calibration text"):
+        calib = assets.calibration_samples(tok, samples, seq_len, source=calib_source)
+    rep.facts["calibration"] = f"{calib.shape[0]} x {calib.shape[1]} tokens"
+    with rep.stage("blocks"):
+        plan, records = quantize_sequential(sm, calib, cfg, out, fmt=fmt, tokenizer=tok, offload_dir=offload_dir,
+                                            overwrite=overwrite, progress=progress)
+    _describe_weights(rep, plan, cfg)
+    rep.blocks = [asdict(r) for r in records]
+    times = [r.seconds for r in records if r.weights]
+    if times:
+        rep.facts["time per quantized block"] = (f"first {times[0]:.1f} s, median {statistics.median(times):.1f} s, "
+                                                 f"last {times[-1]:.1f} s")
+    rep.facts["size before"] = f"{sm.checkpoint.nbytes() / 2**20:.1f} MiB (checkpoint on disk)"
 
 
 def compare_methods(

@@ -34,14 +34,15 @@ from awqfx.packed_model import packed_modules
 
 __all__ = [
     "FORMATS", "NATIVE_FORMAT_VERSION", "WEIGHTS_NAME", "PLAN_SUBDIR", "FormatError", "Layer", "QuantizedFileError",
-    "check_format", "save_quantized", "load_quantized", "load_autoawq_qweights", "load_compressed_tensors_qweights",
+    "check_format", "format_module", "save_quantized", "load_quantized", "load_autoawq_qweights", "load_compressed_tensors_qweights",
 ]
 
 _MODULES = {native.NAME: native, autoawq.NAME: autoawq, compressed_tensors.NAME: compressed_tensors}
 FORMATS = tuple(_MODULES)
 
 
-def _format_module(fmt: str):
+def format_module(fmt: str):
+    """The module of format ``fmt`` (its ``payload``, ``check``, layout and reader)."""
     if fmt not in _MODULES:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
     return _MODULES[fmt]
@@ -49,7 +50,7 @@ def _format_module(fmt: str):
 
 def check_format(fmt: str, layers: list[Layer]) -> list[str]:
     """Every reason format ``fmt`` cannot hold ``layers`` (empty when it can), each naming its layer."""
-    return _format_module(fmt).check(layers)
+    return format_module(fmt).check(layers)
 
 
 def save_quantized(
@@ -70,7 +71,7 @@ def save_quantized(
     (a ``ValueError``) listing every layer ``fmt`` cannot hold, before anything is written.
     Writes atomically: on any error nothing is left behind.
     """
-    writer = _format_module(fmt)
+    writer = format_module(fmt)
     out = Path(out_dir)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise FileExistsError(

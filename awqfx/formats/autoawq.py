@@ -67,6 +67,8 @@ def _gemm_problems(layer: Layer) -> list[str]:
         )
     return problems
 
+UNQUANTIZED_KEY = "modules_to_not_convert"  # the quantization_config list of linears left in float
+
 
 def check(layers: list[Layer]) -> list[str]:
     """Every reason AutoAWQ GEMM cannot hold ``layers`` (empty: it can), one string per problem."""

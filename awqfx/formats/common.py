@@ -3,7 +3,9 @@ checkpoint directory (atomic write, config.json), safe file reading and the skel
 fills.
 
 Every format is a directory holding ``config.json`` (the HF model config plus a
-``quantization_config``) and one ``model.safetensors`` (metadata ``{"format": "pt"}``); never
+``quantization_config``) and ``model.safetensors`` (metadata ``{"format": "pt"}``), or above
+``max_shard_bytes`` (2 GiB) shards ``model-0000i-of-0000N.safetensors`` with the
+``model.safetensors.index.json`` Hugging Face loaders read (:mod:`awqfx.formats.shards`); never
 pickle. Optional extras: the tokenizer files (``tokenizer.save_pretrained``),
 ``generation_config.json``, and the AWQ plan copied into the ``awq_plan/`` sub-directory (a
 sub-directory, not the top level, because vLLM loads every top-level ``*.safetensors`` file as
@@ -39,12 +41,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from awqfx.apply import InputScale
+from awqfx.formats.shards import DEFAULT_SHARD_BYTES, INDEX_NAME, WEIGHTS_NAME, ShardWriter
 from awqfx.graph import float_dtype
 from awqfx.modules import QuantLinear
 from awqfx.packed_experts import packed_experts
 from awqfx.quant import QuantSpec
 
-WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 PLAN_SUBDIR = "awq_plan"
 INPUT_SCALE = "awqfx_input_scale"
@@ -214,10 +216,11 @@ def _params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def build_skeleton(config: Any) -> nn.Module:
-    """``AutoModelForCausalLM.from_config`` with every parameter on the meta device."""
+def build_skeleton(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
+    """``AutoModelForCausalLM.from_config`` with every parameter on the meta device (in ``dtype``,
+    default the config's own)."""
     with _params_on_meta():
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
 
 
 def alias_groups(model: nn.Module) -> list[list[str]]:
@@ -296,22 +299,37 @@ def write_checkpoint(
     model: nn.Module,
     tokenizer: Any = None,
     plan_src: Path | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> None:
     """Write the checkpoint directory atomically (see the module docstring); replaces ``out`` if it exists."""
+    with checkpoint_dir(out) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        writer.add(tensors)
+        writer.finish()
+        write_extras(tmp, config, getattr(model, "generation_config", None), tokenizer, plan_src)
+
+
+def write_extras(directory: Path, config: dict, generation_config: Any = None, tokenizer: Any = None,
+                 plan_src: Path | None = None) -> None:
+    """Everything of a checkpoint directory but the weights: config.json, generation config, tokenizer, plan."""
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if generation_config is not None and hasattr(generation_config, "to_json_file"):
+        generation_config.to_json_file(str(directory / "generation_config.json"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    if plan_src is not None:
+        shutil.copytree(plan_src, directory / PLAN_SUBDIR)
+
+
+@contextlib.contextmanager
+def checkpoint_dir(out: Path) -> Iterator[Path]:
+    """A temporary directory beside ``out`` to write into; renamed to ``out`` when the block exits
+    without error (an existing ``out`` is replaced only then), removed on any error or Ctrl-C."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     old: Path | None = None
     try:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        # called through the module so the write can be intercepted (tests simulate a full disk)
-        safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        gen = getattr(model, "generation_config", None)
-        if gen is not None and hasattr(gen, "to_json_file"):
-            gen.to_json_file(str(tmp / "generation_config.json"))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        if plan_src is not None:
-            shutil.copytree(plan_src, tmp / PLAN_SUBDIR)
+        yield tmp
         if out.exists() or out.is_symlink():  # overwrite: move the old one aside, swap, then delete
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, old)
@@ -354,63 +372,82 @@ def read_config(path: Path) -> dict:
     return cfg
 
 
-def weights_file(path: Path) -> Path:
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors files: the shards its index lists, else ``model.safetensors``."""
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise QuantizedFileError(f"{index} is not a valid shard index (corrupt or truncated?): {err}") from err
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise QuantizedFileError(f"{path}: the shards {', '.join(missing)} listed in {INDEX_NAME} are missing; "
+                                     "the checkpoint is incomplete.")
+        return files
     f = path / WEIGHTS_NAME
     if not f.is_file():
         raise QuantizedFileError(f"{f} is missing: the checkpoint in {path} is incomplete.")
-    return f
+    return [f]
 
 
 class SafeFile:
-    """``safe_open`` with every safetensors failure turned into a QuantizedFileError naming the file."""
+    """``safe_open`` over one file or a checkpoint's shards, every safetensors failure turned into a
+    QuantizedFileError naming the file."""
 
-    def __init__(self, file: Path, device: str = "cpu") -> None:
-        self.file = file
+    def __init__(self, files: Path | list[Path], device: str = "cpu") -> None:
+        self.files = [files] if isinstance(files, Path) else list(files)
         self.device = device
-        self._ctx = None
-        self._f = None
+        self._stack = contextlib.ExitStack()
+        self._where: dict[str, tuple[Path, Any]] = {}
 
-    def _corrupt(self, err: BaseException) -> QuantizedFileError:
-        size = self.file.stat().st_size if self.file.exists() else 0
+    @staticmethod
+    def _corrupt(file: Path, err: BaseException) -> QuantizedFileError:
+        size = file.stat().st_size if file.exists() else 0
         return QuantizedFileError(
-            f"{self.file} is corrupt or truncated ({size} bytes) and cannot be read: {err}. "
+            f"{file} is corrupt or truncated ({size} bytes) and cannot be read: {err}. "
             "Re-export the model."
         )
 
     def __enter__(self) -> "SafeFile":
-        try:
-            self._ctx = safetensors.safe_open(str(self.file), framework="pt", device=self.device)
-            self._f = self._ctx.__enter__()
-        except Exception as err:  # SafetensorError, OSError on a short mmap, ...
-            raise self._corrupt(err) from err
+        for file in self.files:
+            try:
+                f = self._stack.enter_context(safetensors.safe_open(str(file), framework="pt", device=self.device))
+                keys = list(f.keys())
+            except Exception as err:  # SafetensorError, OSError on a short mmap, ...
+                self._stack.close()
+                raise self._corrupt(file, err) from err
+            self._where.update({k: (file, f) for k in keys})
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
+        self._stack.__exit__(*exc)
 
     def keys(self) -> list[str]:
-        return list(self._f.keys())
+        return list(self._where)
 
     def meta(self, key: str) -> tuple[tuple[int, ...], str]:
+        file, f = self._where[key]
         try:
-            s = self._f.get_slice(key)
+            s = f.get_slice(key)
             return tuple(int(d) for d in s.get_shape()), str(s.get_dtype())
         except Exception as err:
-            raise self._corrupt(err) from err
+            raise self._corrupt(file, err) from err
 
     def tensor(self, key: str) -> torch.Tensor:
+        file, f = self._where[key]
         try:
-            return self._f.get_tensor(key)
+            return f.get_tensor(key)
         except Exception as err:
-            raise self._corrupt(err) from err
+            raise self._corrupt(file, err) from err
 
 
 def mismatch(path: Path, problems: list[str]) -> QuantizedFileError:
     shown = problems[:8]
     more = f"; ... and {len(problems) - 8} more" if len(problems) > 8 else ""
     return QuantizedFileError(
-        f"{path / WEIGHTS_NAME}: the file does not match this model/config ({path / CONFIG_NAME}): "
+        f"{path}: the weights file does not match this model/config ({path / CONFIG_NAME}): "
         + "; ".join(shown)
         + more
     )
@@ -418,6 +455,6 @@ def mismatch(path: Path, problems: list[str]) -> QuantizedFileError:
 
 def read_all(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     cfg = read_config(path)
-    with SafeFile(weights_file(path)) as f:
+    with SafeFile(weight_files(path)) as f:
         tensors = {k: f.tensor(k) for k in f.keys()}
     return cfg["quantization_config"], tensors

@@ -65,6 +65,8 @@ def _ragged_problems(layer: Layer) -> list[str]:
         f"{hint}use --format awqfx"
     ]
 
+UNQUANTIZED_KEY = "ignore"  # the quantization_config list of linears left in float
+
 
 def check(layers: list[Layer]) -> list[str]:
     """Every reason compressed-tensors cannot hold ``layers`` (empty: it can), one string per problem."""

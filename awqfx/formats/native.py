@@ -32,7 +32,7 @@ from awqfx.apply import InputScale
 from awqfx.formats.common import (
     CONFIG_NAME, INPUT_SCALE, QL_TENSORS, Layer, QuantizedFileError, SafeFile, alias_groups, build_skeleton,
     dedupe_state, input_scales, mismatch, packed_layers, packing_problems, read_config, refuse,
-    weights_file,
+    weight_files,
 )
 from awqfx.modules import QuantLinear
 from awqfx.packed_experts import PackedExperts, attach, packed_experts
@@ -146,10 +146,10 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         }.get(method, f"quant_method {method!r}")
         raise QuantizedFileError(f"{path} is {other}, not an awqfx checkpoint.")
     modules = _native_modules(path, qcfg)
-    wfile = weights_file(path)
+    wfiles = weight_files(path)
     dev = torch.device(device)
 
-    with SafeFile(wfile, device=str(dev) if dev.type != "meta" else "cpu") as f:
+    with SafeFile(wfiles, device=str(dev) if dev.type != "meta" else "cpu") as f:
         file_meta = {k: f.meta(k) for k in f.keys()}
 
         model = build_skeleton(_hf_config(path, cfg))

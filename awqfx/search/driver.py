@@ -120,7 +120,8 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     sched = schedule_tasks(work, groups, task_weights, requires, changes)
 
     sample = loss_sample(observed, cfg.runtime.loss_samples)
-    stream = Replay(work, chunk_sample(sample, cfg.runtime.batch_size, device), sched.needed_until, sched.last_change,
+    chunks = chunk_sample(sample, cfg.runtime.batch_size, device, observed.unbatched_inputs())
+    stream = Replay(work, chunks, sched.needed_until, sched.last_change,
                     sched.last_use)
     scale_of: dict[int, torch.Tensor] = {}
     infos: dict[int, dict] = {}

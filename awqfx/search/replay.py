@@ -28,9 +28,10 @@ __all__ = ["Replay", "loss_sample", "chunk_sample"]
 
 def loss_sample(observed: ObservedGraph, loss_samples: int) -> dict[str, Any]:
     """The recorded graph inputs, first ``loss_samples`` rows; warns when fewer were recorded."""
-    sample = {k: (v[:loss_samples] if isinstance(v, torch.Tensor) and v.dim() else v)
+    fixed = observed.unbatched_inputs()
+    sample = {k: (v[:loss_samples] if isinstance(v, torch.Tensor) and v.dim() and k not in fixed else v)
               for k, v in observed.loss_inputs().items()}
-    first = next((v for v in sample.values() if isinstance(v, torch.Tensor)), None)
+    first = next((v for k, v in sample.items() if isinstance(v, torch.Tensor) and k not in fixed), None)
     if first is None:
         raise RuntimeError("no loss sample was recorded (the graph has no tensor inputs?)")
     n_rows = first.shape[0]
@@ -42,11 +43,17 @@ def loss_sample(observed: ObservedGraph, loss_samples: int) -> dict[str, Any]:
     return sample
 
 
-def chunk_sample(sample: dict[str, Any], batch_size: int, device: torch.device) -> list[dict[str, Any]]:
-    """The sample cut into batches of ``batch_size`` rows on ``device`` (one replay env each)."""
-    n_rows = next(v for v in sample.values() if isinstance(v, torch.Tensor)).shape[0]
-    return [{k: (v[r0 : r0 + batch_size].to(device) if isinstance(v, torch.Tensor) and v.dim() else v)
-             for k, v in sample.items()} for r0 in range(0, n_rows, batch_size)]
+def chunk_sample(sample: dict[str, Any], batch_size: int, device: torch.device,
+                 unbatched: set[str] = frozenset()) -> list[dict[str, Any]]:
+    """The sample cut into batches of ``batch_size`` rows on ``device`` (one replay env each);
+    the ``unbatched`` inputs go whole into every batch."""
+    def cut(k: str, v: Any, r0: int) -> Any:
+        if not isinstance(v, torch.Tensor):
+            return v
+        return (v if k in unbatched or not v.dim() else v[r0 : r0 + batch_size]).to(device)
+
+    n_rows = next(v for k, v in sample.items() if isinstance(v, torch.Tensor) and k not in unbatched).shape[0]
+    return [{k: cut(k, v, r0) for k, v in sample.items()} for r0 in range(0, n_rows, batch_size)]
 
 
 class Replay:

@@ -1,0 +1,444 @@
+"""Block-by-block quantization of a checkpoint that need not fit in memory (docs/design.md, "Blocks").
+
+The model is built and captured on the ``meta`` device (no weights), discovery runs on the whole
+graph, and :func:`awqfx.passes.blocks.split_blocks` cuts it into its chain of blocks. Then, with
+the calibration batches' values at the current block boundary kept in memory (or on disk):
+
+1. read the block's tensors from the checkpoint's safetensors files, on the compute device;
+2. ``prepare`` -> ``calibrate`` -> ``search`` on the block's own GraphModule (the same passes and
+   search code as the whole-graph mode; the groups must be the ones whole-graph discovery found);
+3. run the block on the boundary values to get the next boundary (float weights, or the
+   fake-quantized block with ``propagate="quant"``);
+4. fold and pack the block in the model's module tree, write its tensors to the output shards,
+   and put its parameters back on ``meta``.
+
+Peak memory is one block's weights and working copies, the boundary values, and the output
+shard being filled; blocks after the last quantized one are read and written, never run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig
+
+import awqfx
+from awqfx.api import calibrate, convert, prepare, search
+from awqfx.apply import apply_plan
+from awqfx.calibrate import loss_sample_order
+from awqfx.capture import capture
+from awqfx.checkpoint import Checkpoint
+from awqfx.config import AWQConfig, fast_half_matmul
+from awqfx.formats import FormatError, format_module
+from awqfx.formats.common import (
+    alias_groups, build_skeleton, checkpoint_dir, config_dict, dedupe_state, unquantized_linears, write_extras,
+)
+from awqfx.formats.shards import ShardWriter
+from awqfx.graph import linear_table
+from awqfx.groups import Discovery
+from awqfx.memory import release_memory
+from awqfx.modules import QuantLinear
+from awqfx.observed import ObservedGraph
+from awqfx.packed_model import packed_modules, parent_map
+from awqfx.params import get_param, set_param
+from awqfx.passes.blocks import Block, BlockSplitError, block_module, split_blocks
+from awqfx.passes.discover import discover
+from awqfx.plan import AWQPlan
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SequentialModel", "BlockRecord", "open_sequential", "quantize_sequential", "compute_dtype_for"]
+
+OUTPUT_SHARD_BYTES = 256 * 2**20  # output buffered before a shard is written
+
+
+@dataclass
+class BlockRecord:
+    """What one block cost: its owner, parameter count and time per stage."""
+
+    index: int
+    owner: str
+    params: int
+    groups: int
+    weights: int
+    seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SequentialModel:
+    """A checkpoint opened for block-by-block work: the meta skeleton it is written from (in the
+    output ``dtype``), the graph it is computed with (in ``compute_dtype``), discovery, blocks."""
+
+    path: Path
+    checkpoint: Checkpoint
+    skeleton: nn.Module
+    gm: fx.GraphModule
+    discovery: Discovery
+    blocks: list[Block]
+    dtype: torch.dtype
+    compute_dtype: torch.dtype
+    aliases: dict[str, list[str]]
+
+    def observed_view(self, cfg: AWQConfig) -> ObservedGraph:
+        """The whole graph as ``prepare`` would see it, without observers (for the format checks)."""
+        linears, data_of = linear_table(self.gm)
+        groups = [g for g in self.discovery.groups if any(c.quantize for c in g.consumers)]
+        return ObservedGraph(self.gm, self.discovery, cfg, groups, linears, data_of)
+
+    def block_bytes(self, block: Block) -> int:
+        """Bytes of the block's weights as computed (``compute_dtype``)."""
+        return sum(get_param(self.gm, p).numel() * self.compute_dtype.itemsize for p in block.params)
+
+
+def compute_dtype_for(dtype: torch.dtype, device: str | torch.device | None) -> torch.dtype:
+    """``dtype`` where ``device`` multiplies it fast, else float32 (e.g. bf16 on an AVX2-only CPU,
+    where torch's bf16 matmul is two orders of magnitude slower than float32)."""
+    if dtype in (torch.bfloat16, torch.float16) and not fast_half_matmul(device or "cpu", dtype):
+        return torch.float32
+    return dtype
+
+
+def open_sequential(path: str | os.PathLike, dtype: torch.dtype | None = None, quantize_head: bool = False,
+                    device: str | torch.device | None = None) -> SequentialModel:
+    """Index ``path``'s safetensors, build and capture the model on ``meta``, discover and split it.
+
+    ``dtype``: the output dtype of everything unquantized (default: the checkpoint's). Blocks are
+    computed in that dtype where ``device`` has fast matmuls for it, else in float32, one block
+    at a time (:func:`compute_dtype_for`). Raises :class:`~awqfx.checkpoint.CheckpointError` when
+    tensors are missing or mis-shaped and :class:`~awqfx.passes.blocks.BlockSplitError` when the
+    graph cannot be cut, before any work.
+    """
+    path = Path(path)
+    ckpt = Checkpoint(path)
+    dtype = dtype or ckpt.dtype() or torch.float32
+    compute = compute_dtype_for(dtype, device)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    skeleton = build_skeleton(config, dtype).eval()
+    aliases = {n: names for names in alias_groups(skeleton) for n in names}
+    expected = {}
+    for name, p in skeleton.named_parameters():  # one name per tied group: any of its names will do
+        names = aliases.get(name, [name])
+        expected[next((n for n in names if n in ckpt.entries), name)] = tuple(p.shape)
+    ckpt.check(expected)
+    gm = capture(skeleton if compute == dtype else build_skeleton(config, compute).eval())
+    disc = discover(gm, quantize_head=quantize_head)
+    blocks = split_blocks(gm, disc.groups)
+    return SequentialModel(path, ckpt, skeleton, gm, disc, blocks, dtype, compute, aliases)
+
+
+# --------------------------------------------------------------------------------- boundary
+
+
+class Boundary:
+    """The values crossing the current block boundary, one dict per calibration batch, in memory
+    or (with ``offload_dir``) one file per batch on disk."""
+
+    def __init__(self, batches: list[dict[str, Any]], offload_dir: Path | None = None):
+        self.dir = offload_dir
+        self.n = len(batches)
+        self._mem: list[dict[str, Any]] = []
+        for i, values in enumerate(batches):
+            self.put(i, values)
+
+    def get(self, i: int) -> dict[str, Any]:
+        if self.dir is None:
+            return self._mem[i]
+        return torch.load(self.dir / f"batch-{i:06d}.pt", weights_only=True)
+
+    def put(self, i: int, values: dict[str, Any]) -> None:
+        if self.dir is None:
+            if i == len(self._mem):
+                self._mem.append(values)
+            else:
+                self._mem[i] = values
+            return
+        torch.save({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in values.items()},
+                   self.dir / f"batch-{i:06d}.pt")
+
+    def args(self, names: list[str]) -> "BoundaryArgs":
+        return BoundaryArgs(self, names)
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.get(0).values() if isinstance(v, torch.Tensor)) * self.n
+
+
+@dataclass
+class BoundaryArgs:
+    """The calibration batches as a block's positional arguments (what ``calibrate`` iterates)."""
+
+    boundary: Boundary
+    names: list[str]
+
+    def __len__(self) -> int:
+        return self.boundary.n
+
+    def __iter__(self) -> Iterator[tuple]:
+        for i in range(self.boundary.n):
+            values = self.boundary.get(i)
+            yield tuple(values[n] for n in self.names)
+
+
+# --------------------------------------------------------------------------------- one block
+
+
+def _load(sm: SequentialModel, block: Block, bgm: fx.GraphModule, device: torch.device) -> None:
+    """Read ``block``'s parameters from the checkpoint into its graph (compute dtype) and into the
+    skeleton (output dtype)."""
+    names = {p: next(n for n in sm.aliases.get(p, [p]) if n in sm.checkpoint.entries) for p in block.params}
+    tensors = sm.checkpoint.load(set(names.values()), device=device, dtype=sm.compute_dtype)
+    for p, src in names.items():
+        owner, _, attr = p.rpartition(".")
+        setattr(bgm.get_submodule(owner), attr, nn.Parameter(tensors[src], requires_grad=False))
+        for alias in sm.aliases.get(p, [p]):
+            set_param(sm.skeleton, alias, tensors[src])  # cast to the output dtype
+    for b in block.buffers:
+        value = get_param(bgm, b)
+        if isinstance(value, torch.Tensor) and value.device.type == "meta":
+            raise BlockSplitError(f"block {block.index} reads {b}, a buffer that is neither in the checkpoint nor "
+                                  "computed by the model's constructor")
+        if isinstance(value, torch.Tensor) and value.device != device:
+            set_param(bgm, b, value.to(device))
+
+
+def _check_groups(sm: SequentialModel, block: Block, observed: ObservedGraph) -> None:
+    """The block's discovery must find exactly the whole graph's groups that live in it."""
+    params = set(block.params)
+    expected = sorted(g.name for g in sm.discovery.groups if all(c.weight in params for c in g.consumers))
+    found = sorted(g.name for g in observed.discovery.groups)
+    if expected != found:
+        raise BlockSplitError(f"block {block.index} ({block.owner or 'unnamed'}): discovery on the block finds the "
+                              f"groups {found}, on the whole graph {expected}; quantize without --sequential")
+
+
+def _run(bgm: fx.GraphModule, boundary: Boundary, block: Block, keep: set[str], device: torch.device) -> None:
+    """Replace each batch's boundary values by the block's outputs (and the inputs still needed later)."""
+    with torch.no_grad():
+        for i, args in enumerate(boundary.args(block.inputs)):
+            outs = bgm(*(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
+            values = {k: v for k, v in boundary.get(i).items() if k in keep}
+            values.update(zip(block.outputs, outs))
+            boundary.put(i, values)
+
+
+def _part(model: nn.Module, prefixes: set[str]) -> nn.Module:
+    """A module tree holding only ``model``'s modules at ``prefixes``, under the same paths."""
+    part = nn.Module()
+    for prefix in sorted(prefixes, key=len):
+        if any(prefix.startswith(p + ".") for p in prefixes if p != prefix):
+            continue  # inside a module already taken
+        *path, leaf = prefix.split(".")
+        node = part
+        for name in path:
+            if name not in node._modules:
+                node.add_module(name, nn.Module())
+            node = node._modules[name]
+        node.add_module(leaf, model.get_submodule(prefix))
+    object.__setattr__(part, "config", model.config)
+    return part
+
+
+def _to_meta(model: nn.Module, block: Block, aliases: dict[str, list[str]]) -> None:
+    """Put the block's tensors in ``model`` back on meta; packed modules become meta shells."""
+    parents = parent_map(model)
+    for prefix, m in packed_modules(model).items():
+        if m.qweight.device.type == "meta":
+            continue
+        shell = QuantLinear(m.in_features, m.out_features, bits=m.bits, group_size=m.group_size,
+                            bias=m.bias is not None, symmetric=bool(m.symmetric), device="meta",
+                            bias_dtype=m.bias.dtype if m.bias is not None else torch.float32)
+        shell._forward_pre_hooks.update(m._forward_pre_hooks)
+        for parent, child in parents.get(id(m), []):
+            setattr(parent, child, shell)
+    for p in block.params:
+        for alias in aliases.get(p, [p]):
+            try:
+                t = get_param(model, alias)
+            except AttributeError:
+                continue  # packed: the weight is gone with its module
+            if t.device.type != "meta":
+                set_param(model, alias, torch.empty_like(t, device="meta"))
+
+
+# --------------------------------------------------------------------------------- writing
+
+
+def _merge_config(a: dict | None, b: dict) -> dict:
+    """Two parts' ``quantization_config``: dicts merged, lists joined, everything else equal."""
+    if a is None:
+        return dict(b)
+    out = dict(a)
+    for k, v in b.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = _merge_config(out[k], v)
+        elif isinstance(v, list) and isinstance(out[k], list):
+            out[k] = out[k] + [x for x in v if x not in out[k]]
+        elif out[k] != v:
+            raise FormatError(f"blocks disagree on quantization_config[{k!r}]: {out[k]!r} vs {v!r}")
+    return out
+
+
+class BlockWriter:
+    """Writes the packed model block by block: tensors to shards, config once at the end."""
+
+    def __init__(self, directory: Path, fmt: str, model: nn.Module, aliases: dict[str, list[str]]):
+        self.fmt = format_module(fmt)
+        self.model = model
+        self.aliases = aliases
+        self.shards = ShardWriter(directory, OUTPUT_SHARD_BYTES)
+        self.written: set[str] = set()
+        self.qcfg: dict | None = None
+
+    def add(self, block: Block) -> None:
+        prefixes = {p.rpartition(".")[0] for p in block.params}
+        part = _part(self.model, prefixes)
+        qmods = packed_modules(part)
+        if qmods:
+            tensors, qcfg = self.fmt.payload(part, qmods)
+            self.qcfg = _merge_config(self.qcfg, qcfg)
+        else:
+            tensors = dedupe_state(part.state_dict())
+        fresh = {}
+        for k, t in tensors.items():
+            if any(a in self.written for a in self.aliases.get(k, [k])):
+                continue  # a tied tensor, written under its first name
+            fresh[k] = t
+            self.written.add(k)
+        self.shards.add(fresh)
+
+    def finish(self) -> dict:
+        self.shards.finish()
+        if self.qcfg is None:
+            raise FormatError("no block had a quantized layer: nothing to write")
+        key = getattr(self.fmt, "UNQUANTIZED_KEY", None)
+        if key is not None:
+            self.qcfg[key] = unquantized_linears(self.model)
+        return config_dict(self.model, self.qcfg)
+
+
+# --------------------------------------------------------------------------------- driver
+
+
+def _needed_after(blocks: list[Block]) -> list[set[str]]:
+    """``out[k]``: the boundary values some block after ``k`` reads."""
+    out: list[set[str]] = [set() for _ in blocks]
+    later: set[str] = set()
+    for k in range(len(blocks) - 1, -1, -1):
+        out[k] = set(later)
+        later |= set(blocks[k].inputs)
+    return out
+
+
+def quantize_sequential(
+    sm: SequentialModel,
+    calib: torch.Tensor,
+    cfg: AWQConfig,
+    out: str | os.PathLike,
+    fmt: str = "awqfx",
+    tokenizer: Any = None,
+    offload_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[AWQPlan, list[BlockRecord]]:
+    """Quantize ``sm`` block by block on ``calib`` (``[N, L]`` token ids) and write it to ``out``.
+
+    Returns the plan of the whole model (the union of the blocks' plans) and one record per
+    block. The output directory appears only when everything is written (atomic, like
+    ``save_quantized``); ``sm.skeleton`` ends with its quantized modules as meta shells.
+    """
+    out = Path(out)
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    device = torch.device(cfg.runtime.device or "cpu")
+    quantizable = set(sm.discovery.quantizable)
+    last_active = max((b.index for b in sm.blocks if quantizable & set(b.params)), default=-1)
+    if last_active < 0:
+        raise BlockSplitError("no block has a weight to quantize")
+    needed = _needed_after(sm.blocks)
+    (inp,) = [n.name for n in sm.gm.graph.nodes if n.op == "placeholder"]
+    rows = torch.arange(calib.shape[0])
+    if cfg.needs_calibration:  # the loss sample (first rows) spread over the whole set, as calibrate does
+        rows = loss_sample_order(calib.shape[0], cfg.runtime.loss_samples)
+    batches = [{inp: calib[rows[i : i + cfg.runtime.batch_size]]} for i in range(0, calib.shape[0], cfg.runtime.batch_size)]
+    tmp_offload = None
+    if offload_dir is not None:
+        Path(offload_dir).mkdir(parents=True, exist_ok=True)
+        tmp_offload = Path(tempfile.mkdtemp(prefix="awqfx-boundary-", dir=offload_dir))
+    plan = AWQPlan([], {}, cfg.to_dict(), {"awqfx_version": awqfx.__version__, "method": cfg.method,
+                                           "mode": "sequential", "blocks": len(sm.blocks)})
+    records: list[BlockRecord] = []
+    try:
+        boundary = Boundary(batches, tmp_offload)
+        with checkpoint_dir(out) as tmp:
+            writer = BlockWriter(tmp, fmt, sm.skeleton, sm.aliases)
+            bar = tqdm(sm.blocks, desc="awq blocks", unit="block", disable=not progress)
+            for block in bar:
+                records.append(_quantize_block(sm, block, boundary, cfg, plan, writer, device,
+                                               run_next=block.index < last_active, keep=needed[block.index]))
+                bar.set_postfix(block=block.owner or block.index, s=f"{records[-1].seconds:.1f}")
+            bar.close()
+            write_extras(tmp, writer.finish(), getattr(sm.skeleton, "generation_config", None), tokenizer)
+            plan.save(tmp / "awq_plan")
+    finally:
+        if tmp_offload is not None:
+            shutil.rmtree(tmp_offload, ignore_errors=True)
+    plan.metadata["timings"] = {"blocks_s": sum(r.seconds for r in records)}
+    return plan, records
+
+
+def _quantize_block(sm: SequentialModel, block: Block, boundary: Boundary, cfg: AWQConfig, plan: AWQPlan,
+                    writer: BlockWriter, device: torch.device, run_next: bool, keep: set[str]) -> BlockRecord:
+    rec = BlockRecord(block.index, block.owner, sum(get_param(sm.gm, p).numel() for p in block.params), 0, 0)
+    t_start = time.perf_counter()
+
+    def stage(name: str, t0: float) -> float:
+        now = time.perf_counter()
+        rec.stages[name] = rec.stages.get(name, 0.0) + now - t0
+        return now
+
+    t = time.perf_counter()
+    bgm = block_module(sm.gm, block, device)
+    _load(sm, block, bgm, device)
+    t = stage("load", t)
+    block_plan = None
+    if set(sm.discovery.quantizable) & set(block.params):
+        observed = prepare(bgm, cfg)
+        _check_groups(sm, block, observed)
+        if cfg.needs_calibration:
+            calibrate(observed, boundary.args(block.inputs), progress=False)
+        t = stage("calibrate", t)
+        block_plan = search(observed, cfg, progress=False)
+        del observed
+        rec.groups, rec.weights = len(block_plan.groups), len(block_plan.weights)
+        plan.groups.extend(block_plan.groups)
+        plan.weights.update(block_plan.weights)
+        t = stage("search", t)
+    if run_next:
+        runner = bgm
+        if block_plan is not None and cfg.scales is not None and cfg.scales.propagate == "quant":
+            runner = convert(bgm, block_plan, weights="fake")
+        _run(runner, boundary, block, keep, device)
+        del runner
+        t = stage("next boundary", t)
+    if block_plan is not None:
+        apply_plan(sm.skeleton, block_plan, weights="packed", inplace=True)
+    writer.add(block)
+    _to_meta(sm.skeleton, block, sm.aliases)
+    del bgm
+    release_memory()
+    stage("pack + write", t)
+    rec.seconds = time.perf_counter() - t_start
+    return rec

@@ -1,0 +1,192 @@
+"""Block-by-block mode: the chain of blocks read from the graph, numerics equal to the whole-graph
+mode, the checkpoint checks, atomic output, sharded output, the memory estimate."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors
+import torch
+from tiny_models import build, calib_ids, char_tokenizer, config, save_model_dir, token_ids
+
+import awqfx
+from awqfx.api import calibrate, prepare, search
+from awqfx.app import budget
+from awqfx.app.cli import main
+from awqfx.checkpoint import CheckpointError
+from awqfx.config import AWQConfig, ConfigError
+from awqfx.formats import load_quantized, save_quantized
+from awqfx.formats.common import build_skeleton
+from awqfx.apply import apply_plan
+from awqfx.passes.blocks import block_module, split_blocks
+from awqfx.passes.discover import discover
+from awqfx import sequential
+from awqfx.sequential import open_sequential, quantize_sequential
+
+CFG = AWQConfig.of(bits=4, group_size=32, loss_samples=4, batch_size=4, n_grid=5, clip_grid=5, clip_rounds=1)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("seq_llama")
+    save_model_dir(path, "llama")
+    return path
+
+
+def _blocks(arch: str):
+    gm = awqfx.capture(build_skeleton(config(arch)).eval())
+    disc = discover(gm)
+    return gm, disc, split_blocks(gm, disc.groups)
+
+
+def test_blocks_of_llama_are_its_decoder_layers():
+    gm, disc, blocks = _blocks("llama")
+    assert [b.owner for b in blocks] == ["model.embed_tokens", "model.layers.0", "model.layers.1", ""]
+    assert blocks[0].inputs == ["input_ids"] and blocks[-1].params == ["lm_head.weight", "model.norm.weight"]
+    # only the residual stream and parameter-free context (sizes, mask, rope cos/sin) cross into layer 1
+    crossing = [n for n in gm.graph.nodes if n.name in blocks[2].inputs]
+    floats = [n for n in crossing if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_floating_point()]
+    assert len(blocks[2].inputs) == 6 and len(floats) == 3  # cos, sin, residual
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gemma2", "phi3", "qwen2_moe", "bloom"])
+def test_every_group_lies_in_one_block_and_every_layer_is_cut(arch):
+    gm, disc, blocks = _blocks(arch)
+    where = {p: b.index for b in blocks for p in b.params}
+    for g in disc.groups:
+        owners = {where[c.weight] for c in g.consumers} | ({where[g.producer.weight]} if g.producer.weight else set())
+        assert len(owners) == 1, g.name
+    layers = {b.owner.rsplit(".", 1)[-1] for b in blocks if b.owner.rsplit(".", 1)[-1].isdigit()}
+    assert layers == {"0", "1"}, [b.owner for b in blocks]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "qwen2_moe"])
+def test_chained_blocks_compute_the_model(arch):
+    model = build(arch)
+    gm = awqfx.capture(model)
+    blocks = split_blocks(gm, discover(gm).groups)
+    ids = token_ids()
+    values = {"input_ids": ids}
+    with torch.no_grad():
+        for b in blocks:
+            values.update(zip(b.outputs, block_module(gm, b)(*(values[n] for n in b.inputs))))
+        expected = model(ids).logits
+    assert torch.equal(values[blocks[-1].outputs[0]], expected)
+
+
+def _whole(model, calib, cfg):
+    obs = prepare(awqfx.capture(model), cfg)
+    calibrate(obs, calib, progress=False)
+    return search(obs, cfg, progress=False)
+
+
+def _tensors(path):
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safetensors.safe_open(str(f), "pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})
+    return out
+
+
+def test_sequential_writes_what_the_whole_graph_mode_writes(llama_dir, tmp_path):
+    calib = calib_ids(8, 16)
+    plan, records = quantize_sequential(open_sequential(llama_dir), calib, CFG, tmp_path / "seq", progress=False)
+    model = build("llama")
+    whole = _whole(model, calib, CFG)
+    assert sorted(g.name for g in plan.groups) == sorted(g.name for g in whole.groups)
+    save_quantized(apply_plan(model, whole, weights="packed"), tmp_path / "whole")
+    seq, ref = _tensors(tmp_path / "seq"), _tensors(tmp_path / "whole")
+    assert seq.keys() == ref.keys()
+    assert all(torch.equal(seq[k], ref[k]) for k in ref)
+    assert [r.weights for r in records] == [0, 7, 7, 0]
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "seq")(token_ids()).logits,
+                           load_quantized(tmp_path / "whole")(token_ids()).logits)
+
+
+def test_offload_and_shards_give_the_same_model(llama_dir, tmp_path, monkeypatch):
+    calib = calib_ids(8, 16)
+    quantize_sequential(open_sequential(llama_dir), calib, CFG, tmp_path / "mem", progress=False)
+    monkeypatch.setattr(sequential, "OUTPUT_SHARD_BYTES", 20_000)
+    offload = tmp_path / "offload"
+    quantize_sequential(open_sequential(llama_dir), calib, CFG, tmp_path / "disk", offload_dir=offload, progress=False)
+    assert list(offload.iterdir()) == []  # the boundary files are removed
+    index = json.loads((tmp_path / "disk" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "disk")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "mem")(token_ids()).logits,
+                           load_quantized(tmp_path / "disk")(token_ids()).logits)
+
+
+def test_bf16_checkpoint_stays_bf16(tmp_path):
+    src = tmp_path / "src"
+    build("llama").to(torch.bfloat16).save_pretrained(src)
+    char_tokenizer().save_pretrained(src)
+    quantize_sequential(open_sequential(src), calib_ids(8, 16), CFG, tmp_path / "q", progress=False)
+    tensors = _tensors(tmp_path / "q")
+    floats = {k: t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.endswith(".scales")}
+    assert floats and set(floats.values()) == {torch.bfloat16}, floats
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == "bfloat16"
+    with torch.no_grad():
+        assert torch.isfinite(load_quantized(tmp_path / "q")(token_ids()).logits).all()
+
+
+def test_incomplete_checkpoints_are_refused_before_any_work(llama_dir, tmp_path):
+    src = tmp_path / "src"
+    model = build("llama")
+    model.save_pretrained(src, max_shard_size="100KB")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (src / shard).unlink()
+    with pytest.raises(CheckpointError, match=f"{shard}.*missing"):
+        open_sequential(src)
+    other = tmp_path / "other"
+    build("llama", hidden_size=32, intermediate_size=48).save_pretrained(other)
+    (other / "config.json").write_text((llama_dir / "config.json").read_text())  # config says 64 wide
+    with pytest.raises(CheckpointError, match=r"is \[128, 32\], the model needs \[128, 64\]"):
+        open_sequential(other)
+
+
+def test_failure_leaves_no_output(llama_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def failing_search(observed, cfg, progress=True):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return search(observed, cfg, progress=progress)
+
+    monkeypatch.setattr(sequential, "search", failing_search)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_sequential(open_sequential(llama_dir), calib_ids(8, 16), CFG, tmp_path / "q", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_memory_estimate_refuses_long_sequences(llama_dir, monkeypatch):
+    sm = open_sequential(llama_dir)
+    est = budget.estimate_memory(sm.gm, samples=128, seq_len=100_000, batch_size=8, loss_samples=16,
+                                 weight_bytes=0, blocks=sm.blocks, block_bytes=[1], outside_bytes=0)
+    # 8 x 4 heads x 100k^2 float32 attention scores alone
+    assert est.parts["activations"] >= 8 * 4 * 100_000**2 * 4
+    small = budget.estimate_memory(sm.gm, samples=8, seq_len=64, batch_size=4, loss_samples=4, weight_bytes=0,
+                                   blocks=sm.blocks, block_bytes=[1], outside_bytes=0)
+    assert small.total < 2**30
+    with pytest.raises(ConfigError, match="needs about .* GiB .*lower --seq-len"):
+        budget.check_fits(est, "cpu", "lower --seq-len")
+    budget.check_fits(small, "cpu", "lower --seq-len")
+
+
+def test_cli_sequential_report(llama_dir, tmp_path, capsys):
+    out, report = tmp_path / "q", tmp_path / "r.json"
+    assert main(["quantize", str(llama_dir), "--out", str(out), "--sequential", "--group-size", "32", "--samples",
+                 "4", "--seq-len", "16", "--n-grid", "4", "--quiet", "--report", str(report)]) == 0
+    text = capsys.readouterr().out
+    assert "block by block (asked for)" in text and "time per quantized block" in text
+    data = json.loads(report.read_text())
+    assert [b["owner"] for b in data["blocks"]] == ["model.embed_tokens", "model.layers.0", "model.layers.1", ""]
+    assert data["peak_rss_mb"] > 0
+    assert main(["quantize", str(llama_dir), "--out", str(tmp_path / "q2"), "--sequential", "--samples", "2000000",
+                 "--seq-len", "120", "--quiet"]) == 2
+    assert "needs about" in capsys.readouterr().err
