@@ -1,10 +1,22 @@
-"""Returning freed memory to the operating system between stages."""
+"""Returning freed memory to the operating system between stages, and the peak a run reached."""
 from __future__ import annotations
 
 import ctypes
 import gc
 
-__all__ = ["release_memory"]
+try:
+    import resource
+except ImportError:  # not POSIX (Windows): no peak-RSS figure
+    resource = None
+
+__all__ = ["release_memory", "peak_rss_mb"]
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process in MB (Linux reports KiB), None where unknown."""
+    if resource is None:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def release_memory() -> None:

@@ -162,7 +162,7 @@ class QuantLinear(nn.Module):
             device="meta",  # no throw-away allocations; real buffers are assigned below
         )
         with torch.no_grad():
-            packed = pack_int32(qw.q.to(torch.int32), spec.bits, dim=-1).to(torch.int32).contiguous()
+            packed = pack_int32(qw.q, spec.bits, dim=-1).contiguous()
             if tuple(packed.shape) != tuple(m.qweight.shape):
                 raise RuntimeError(f"pack_int32 gave {tuple(packed.shape)}, expected {tuple(m.qweight.shape)}")
             m.qweight = packed

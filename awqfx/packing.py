@@ -28,6 +28,7 @@ from torch import Tensor
 
 __all__ = ["pack_int32", "unpack_int32", "packed_length"]
 
+_CHUNK_VALUES = 1 << 20
 _MASK32 = (1 << 32) - 1
 
 
@@ -64,16 +65,24 @@ def pack_int32(values: Tensor, bits: int, dim: int = -1) -> Tensor:
         raise ValueError("pack_int32 needs at least one dimension.")
     v = values.movedim(dim, -1)
     lead, n = v.shape[:-1], v.shape[-1]
-    v = v.reshape(-1, n).to(torch.int64)
+    v = v.reshape(-1, n)
     if v.numel() and (int(v.min()) < 0 or int(v.max()) >= (1 << bits)):
         raise ValueError(
             f"values must lie in [0, {(1 << bits) - 1}] to pack at {bits} bits, "
             f"got range [{int(v.min())}, {int(v.max())}]."
         )
-    rows = v.shape[0]
     n_words = packed_length(n, bits)
+    # rows in chunks of about 2^20 values: the int64 work below takes ~32 bytes per value
+    step = max(1, _CHUNK_VALUES // max(1, n))
+    words = [_pack_rows(v[r : r + step], bits, n, n_words) for r in range(0, v.shape[0], step)]
+    words = torch.cat(words) if words else torch.zeros(0, n_words, dtype=torch.int32, device=v.device)
+    return words.reshape(*lead, n_words).movedim(-1, dim)
+
+
+def _pack_rows(v: Tensor, bits: int, n: int, n_words: int) -> Tensor:
+    rows = v.shape[0]
     n_blocks = -(-n // 32)
-    v = torch.nn.functional.pad(v, (0, n_blocks * 32 - n)).reshape(rows, n_blocks, 32)
+    v = torch.nn.functional.pad(v.to(torch.int64), (0, n_blocks * 32 - n)).reshape(rows, n_blocks, 32)
     word_idx, offset = _bit_layout(bits, v.device)
     # Each value shifted to its offset inside its word; an int64 accumulator
     # keeps the bits that spill past bit 31, which then carry into the next word.
@@ -83,8 +92,7 @@ def pack_int32(values: Tensor, bits: int, dim: int = -1) -> Tensor:
     words = acc & _MASK32
     words[..., 1:] |= acc[..., :-1] >> 32
     words = words.reshape(rows, n_blocks * bits)[:, :n_words]
-    words = torch.where(words >= (1 << 31), words - (1 << 32), words).to(torch.int32)
-    return words.reshape(*lead, n_words).movedim(-1, dim)
+    return torch.where(words >= (1 << 31), words - (1 << 32), words).to(torch.int32)
 
 
 def unpack_int32(packed: Tensor, bits: int, n: int, dim: int = -1) -> Tensor:

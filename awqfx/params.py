@@ -103,14 +103,30 @@ def fold_parameters(module: nn.Module, group: ScaleGroup, s_full: torch.Tensor) 
         w = get_param(module, p.weight).detach().to(torch.float64)
         set_param(module, p.weight, (w + p.offset) / s - p.offset)
     elif p.kind == "linear":
-        w = get_param(module, p.weight).detach().to(torch.float64)
-        set_param(module, p.weight, w / along(s, p.out_dim, w.dim()))
+        w = get_param(module, p.weight).detach()
+        set_param(module, p.weight, _in_float64(w, torch.div, along(s, p.out_dim, w.dim())))
     if p.bias is not None:
         b = get_param(module, p.bias).detach().to(torch.float64)
         set_param(module, p.bias, b / s)
     for c in group.consumers:
-        w = get_param(module, c.weight).detach().to(torch.float64)
-        set_param(module, c.weight, w * along(column_scale(c.columns, s), c.in_dim, w.dim()))
+        w = get_param(module, c.weight).detach()
+        set_param(module, c.weight, _in_float64(w, torch.mul, along(column_scale(c.columns, s), c.in_dim, w.dim())))
+
+
+_CHUNK_VALUES = 1 << 22
+
+
+def _in_float64(w: torch.Tensor, op, factor: torch.Tensor) -> torch.Tensor:
+    """``op(w, factor)`` computed in float64 and stored in ``w``'s dtype, a slab of dim 0 at a time
+    (a float64 copy of a whole 7B-model MLP weight would be 360 MB)."""
+    if w.dim() == 0:
+        return op(w.to(torch.float64), factor).to(w.dtype)
+    out = torch.empty_like(w)
+    step = max(1, _CHUNK_VALUES // max(1, w[0].numel()))
+    for r in range(0, w.shape[0], step):
+        f = factor[r : r + step] if factor.dim() == w.dim() and factor.shape[0] > 1 else factor
+        out[r : r + step] = op(w[r : r + step].to(torch.float64), f.to(w.device)).to(w.dtype)
+    return out
 
 
 def input_scales_of(group: ScaleGroup, s_full: torch.Tensor) -> dict[str, torch.Tensor]:

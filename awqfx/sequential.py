@@ -17,6 +17,7 @@ shard being filled; blocks after the last quantized one are read and written, ne
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -47,7 +48,7 @@ from awqfx.formats.common import (
 from awqfx.formats.shards import ShardWriter
 from awqfx.graph import linear_table
 from awqfx.groups import Discovery
-from awqfx.memory import release_memory
+from awqfx.memory import peak_rss_mb, release_memory
 from awqfx.modules import QuantLinear
 from awqfx.observed import ObservedGraph
 from awqfx.packed_model import packed_modules, parent_map
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["SequentialModel", "BlockRecord", "open_sequential", "quantize_sequential", "compute_dtype_for"]
 
-OUTPUT_SHARD_BYTES = 256 * 2**20  # output buffered before a shard is written
+OUTPUT_SHARD_BYTES = 64 * 2**20  # output buffered before a shard is written (a larger tensor gets its own)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class BlockRecord:
     weights: int
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0  # the process's peak resident memory when the block was done
 
 
 @dataclass
@@ -193,16 +195,18 @@ class BoundaryArgs:
 # --------------------------------------------------------------------------------- one block
 
 
-def _load(sm: SequentialModel, block: Block, bgm: fx.GraphModule, device: torch.device) -> None:
-    """Read ``block``'s parameters from the checkpoint into its graph (compute dtype) and into the
-    skeleton (output dtype)."""
-    names = {p: next(n for n in sm.aliases.get(p, [p]) if n in sm.checkpoint.entries) for p in block.params}
+def _sources(sm: SequentialModel, block: Block) -> dict[str, str]:
+    """Each parameter of ``block`` -> the checkpoint name holding it (tied ones: any of their names)."""
+    return {p: next(n for n in sm.aliases.get(p, [p]) if n in sm.checkpoint.entries) for p in block.params}
+
+
+def _load_compute(sm: SequentialModel, block: Block, bgm: fx.GraphModule, device: torch.device) -> None:
+    """Read ``block``'s parameters from the checkpoint into its graph, in the compute dtype."""
+    names = _sources(sm, block)
     tensors = sm.checkpoint.load(set(names.values()), device=device, dtype=sm.compute_dtype)
     for p, src in names.items():
         owner, _, attr = p.rpartition(".")
         setattr(bgm.get_submodule(owner), attr, nn.Parameter(tensors[src], requires_grad=False))
-        for alias in sm.aliases.get(p, [p]):
-            set_param(sm.skeleton, alias, tensors[src])  # cast to the output dtype
     for b in block.buffers:
         value = get_param(bgm, b)
         if isinstance(value, torch.Tensor) and value.device.type == "meta":
@@ -210,6 +214,15 @@ def _load(sm: SequentialModel, block: Block, bgm: fx.GraphModule, device: torch.
                                   "computed by the model's constructor")
         if isinstance(value, torch.Tensor) and value.device != device:
             set_param(bgm, b, value.to(device))
+
+
+def _load_output(sm: SequentialModel, block: Block, device: torch.device) -> None:
+    """Read ``block``'s parameters into the skeleton it is written from, in the output dtype."""
+    names = _sources(sm, block)
+    tensors = sm.checkpoint.load(set(names.values()), device=device, dtype=sm.dtype)
+    for p, src in names.items():
+        for alias in sm.aliases.get(p, [p]):
+            set_param(sm.skeleton, alias, tensors[src])
 
 
 def _check_groups(sm: SequentialModel, block: Block, observed: ObservedGraph) -> None:
@@ -380,6 +393,7 @@ def quantize_sequential(
     plan = AWQPlan([], {}, cfg.to_dict(), {"awqfx_version": awqfx.__version__, "method": cfg.method,
                                            "mode": "sequential", "blocks": len(sm.blocks)})
     records: list[BlockRecord] = []
+    gc.freeze()  # the skeleton and its graph live to the end: keep them out of every collection
     try:
         boundary = Boundary(batches, tmp_offload)
         with checkpoint_dir(out) as tmp:
@@ -393,6 +407,7 @@ def quantize_sequential(
             write_extras(tmp, writer.finish(), getattr(sm.skeleton, "generation_config", None), tokenizer)
             plan.save(tmp / "awq_plan")
     finally:
+        gc.unfreeze()
         if tmp_offload is not None:
             shutil.rmtree(tmp_offload, ignore_errors=True)
     plan.metadata["timings"] = {"blocks_s": sum(r.seconds for r in records)}
@@ -410,35 +425,40 @@ def _quantize_block(sm: SequentialModel, block: Block, boundary: Boundary, cfg: 
         return now
 
     t = time.perf_counter()
-    bgm = block_module(sm.gm, block, device)
-    _load(sm, block, bgm, device)
-    t = stage("load", t)
+    quantized = bool(set(sm.discovery.quantizable) & set(block.params))
     block_plan = None
-    if set(sm.discovery.quantizable) & set(block.params):
-        observed = prepare(bgm, cfg)
-        _check_groups(sm, block, observed)
-        if cfg.needs_calibration:
-            calibrate(observed, boundary.args(block.inputs), progress=False)
-        t = stage("calibrate", t)
-        block_plan = search(observed, cfg, progress=False)
-        del observed
-        rec.groups, rec.weights = len(block_plan.groups), len(block_plan.weights)
-        plan.groups.extend(block_plan.groups)
-        plan.weights.update(block_plan.weights)
-        t = stage("search", t)
-    if run_next:
-        runner = bgm
-        if block_plan is not None and cfg.scales is not None and cfg.scales.propagate == "quant":
-            runner = convert(bgm, block_plan, weights="fake")
-        _run(runner, boundary, block, keep, device)
-        del runner
-        t = stage("next boundary", t)
-    if block_plan is not None:
-        apply_plan(sm.skeleton, block_plan, weights="packed", inplace=True)
+    if quantized or run_next:
+        bgm = block_module(sm.gm, block, device)
+        _load_compute(sm, block, bgm, device)
+        t = stage("load", t)
+        if quantized:
+            observed = prepare(bgm, cfg)
+            _check_groups(sm, block, observed)
+            if cfg.needs_calibration:
+                calibrate(observed, boundary.args(block.inputs), progress=False)
+            t = stage("calibrate", t)
+            block_plan = search(observed, cfg, progress=False)
+            del observed
+            rec.groups, rec.weights = len(block_plan.groups), len(block_plan.weights)
+            plan.groups.extend(block_plan.groups)
+            plan.weights.update(block_plan.weights)
+            t = stage("search", t)
+        if run_next:
+            runner = bgm
+            if block_plan is not None and cfg.scales is not None and cfg.scales.propagate == "quant":
+                runner = convert(bgm, block_plan, weights="fake")
+            _run(runner, boundary, block, keep, device)
+            del runner
+            t = stage("next boundary", t)
+        del bgm
+        release_memory()
+    _load_output(sm, block, device)
+    if block_plan is not None:  # packed for writing only: no kernel layout
+        apply_plan(sm.skeleton, block_plan, weights="packed", inplace=True, backend="dequant")
     writer.add(block)
     _to_meta(sm.skeleton, block, sm.aliases)
-    del bgm
     release_memory()
     stage("pack + write", t)
     rec.seconds = time.perf_counter() - t_start
+    rec.peak_rss_mb = peak_rss_mb() or 0.0
     return rec

@@ -27,22 +27,11 @@ from awqfx.checkpoint import Checkpoint, CheckpointError, checkpoint_dtype
 from awqfx.config import AWQConfig, ConfigError
 from awqfx.formats import FormatError, Layer, check_format, load_quantized, save_quantized
 from awqfx.formats.common import alias_groups
+from awqfx.memory import peak_rss_mb
 from awqfx.params import get_param
-from awqfx.sequential import open_sequential, quantize_sequential
-
-try:
-    import resource
-except ImportError:  # not POSIX (Windows): no peak-RSS figure
-    resource = None
+from awqfx.sequential import compute_dtype_for, open_sequential, quantize_sequential
 
 log = logging.getLogger(__name__)
-
-
-def peak_rss_mb() -> float | None:
-    """Peak resident memory of this process in MB (Linux reports KiB), None where unknown."""
-    if resource is None:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def dir_size(path: str | Path) -> int:
@@ -109,11 +98,14 @@ def refuse_unfit_format(fmt: str, observed, cfg: AWQConfig) -> None:
 MODES = ("auto", "whole", "sequential")
 
 
-def choose_mode(mode: str, ckpt_bytes: int, device: str | None) -> tuple[str, str]:
-    """``(mode, why)``: ``auto`` runs the whole graph when three copies of the weights fit
-    comfortably (80 %) in the device's memory, else block by block."""
+def choose_mode(mode: str, ckpt_bytes: int, device: str | None, dtype: torch.dtype = torch.float32) -> tuple[str, str]:
+    """``(mode, why)``: ``auto`` runs block by block when a half-precision model meets a device
+    without fast half matmuls (each block is computed in float32 there, never the whole model) or
+    when three copies of the weights do not fit comfortably (80 %) in the device's memory."""
     if mode != "auto":
         return mode, "asked for"
+    if compute_dtype_for(dtype, device) != dtype:
+        return "sequential", f"{str(dtype).removeprefix('torch.')} is slow on {device or 'cpu'}: blocks compute in float32"
     avail, where = budget.available_memory(device)
     need = budget.RUNTIME_BYTES + 3 * ckpt_bytes
     if need <= 0.8 * avail:
@@ -161,7 +153,7 @@ def quantize_model(
             mode, why = "whole", "the checkpoint is not in safetensors"
         else:
             stored = (ckpt.dtype() or torch.float32).itemsize
-            mode, why = choose_mode(mode, ckpt.nbytes() * dtype.itemsize // stored, cfg.runtime.device)
+            mode, why = choose_mode(mode, ckpt.nbytes() * dtype.itemsize // stored, cfg.runtime.device, dtype)
     rep.facts["mode"] = f"{'block by block' if mode == 'sequential' else 'whole graph'} ({why})"
     if mode == "sequential":
         _quantize_blocks(rep, model_dir, out, cfg, fmt, calib_source, samples, seq_len, dtype, offload_dir,

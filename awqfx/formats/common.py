@@ -24,6 +24,7 @@ removed after the new one is in place).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -38,7 +39,7 @@ import safetensors
 import safetensors.torch
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from awqfx.apply import InputScale
 from awqfx.formats.shards import DEFAULT_SHARD_BYTES, INDEX_NAME, WEIGHTS_NAME, ShardWriter
@@ -161,7 +162,7 @@ def packed_layers(model: nn.Module, qmods: Mapping[str, QuantLinear]) -> list[La
     an ``nn.Linear`` there is described as ``[in, out]`` (the other kind ``pack_model`` packs).
     """
     try:
-        skeleton = build_skeleton(model.config)
+        skeleton = _reference_skeleton(model.config.to_json_string())
     except Exception:  # noqa: BLE001 - not constructible from its config: nothing to compare with
         skeleton = None
     scaled = input_scales(model)
@@ -221,6 +222,13 @@ def build_skeleton(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
     default the config's own)."""
     with _params_on_meta():
         return AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+
+
+@functools.lru_cache(maxsize=2)
+def _reference_skeleton(config_json: str) -> nn.Module:
+    """A shared, never modified meta skeleton of a config (the block-by-block writer asks once per block)."""
+    d = json.loads(config_json)
+    return build_skeleton(CONFIG_MAPPING[d["model_type"]].from_dict(d))
 
 
 def alias_groups(model: nn.Module) -> list[list[str]]:
