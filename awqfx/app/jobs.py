@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 
+from awqfx import distributed
 from awqfx.api import calibrate, convert, prepare, search
 from awqfx.app import assets
 from awqfx.app.evaluate import perplexity, windows_for_eval
@@ -136,6 +137,8 @@ def quantize_model(
             calibrate(observed, calib, progress=progress)
     with rep.stage("search"):
         plan = search(observed, cfg, progress=progress)
+    if not distributed.is_main():  # every rank holds the plan; rank 0 packs, saves and evaluates
+        return rep
     rep.facts["quantized weights"] = f"{len(plan.weights)} ({cfg.weights.bits}-bit, group {cfg.weights.group_size}, " \
                                      f"{'symmetric' if cfg.weights.symmetric else 'asymmetric'})"
     with rep.stage("pack"):
