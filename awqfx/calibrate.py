@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from awqfx import distributed
 from awqfx.graph import float_dtype, traced_input_shape
 from awqfx.memory import release_memory
 from awqfx.observed import ObservedGraph
@@ -136,6 +137,10 @@ def calibrate(observed: ObservedGraph, batches: Any, device: str | torch.device 
     if isinstance(batches, torch.Tensor) and batches.dim() == 2 and observed.sample_observers:
         batches = batches[loss_sample_order(batches.shape[0], cfg.runtime.loss_samples)]
     it = iter_batches(batches, cfg.runtime.batch_size)
+    mine, before = None, None
+    if distributed.world_size() > 1:  # a contiguous share of the batches (docs/design.md "Distributed calibration")
+        it = list(it)
+        mine, before = distributed.shard(len(it)), _keep_partials(observed)
     total = None
     if isinstance(batches, torch.Tensor):
         total = -(-batches.reshape(-1, batches.shape[-1]).shape[0] // cfg.runtime.batch_size)
@@ -143,9 +148,9 @@ def calibrate(observed: ObservedGraph, batches: Any, device: str | torch.device 
         total = len(batches)
     t0 = time.perf_counter()
     seen = 0
-    bar = tqdm(it, total=total, desc="awq calibrate", unit="batch", disable=not progress)
+    bar = tqdm(it, total=total, desc="awq calibrate", unit="batch", disable=not progress or not distributed.is_main())
     with torch.no_grad(), cfg.autocast("calib", dev, float_dtype(observed.gm)):
-        for batch in bar:
+        for i, batch in enumerate(bar):
             args = _batch_args(batch)
             x = next((a for a in args if isinstance(a, torch.Tensor)), None)
             if x is None or x.numel() == 0:
@@ -156,15 +161,60 @@ def calibrate(observed: ObservedGraph, batches: Any, device: str | torch.device 
                     "sequence (512 is the reference length)"
                 )
             _check_input_shapes(cm, args)
+            if mine is not None and i not in mine:
+                _record_sample(observed, args)  # every rank keeps the whole loss sample
+                continue
             cm(*(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args))
             seen += 1
             observed.calibration["batches"] += 1
             observed.calibration["sequences"] += int(x.shape[0])
             observed.calibration["tokens"] += int(x.numel())
     bar.close()
+    if mine is not None:
+        seen = _merge_shards(observed, before, seen)
     if seen == 0:
         raise CalibrationError("calibration data is empty: no batch with tokens was given (pass [N, L] token ids, "
                                "e.g. awqfx.app.assets.calibration_samples(tokenizer, 128, 512))")
     release_memory()
     observed.timings["calibrate_s"] = observed.timings.get("calibrate_s", 0.0) + time.perf_counter() - t0
     return observed
+
+
+def _record_sample(observed: ObservedGraph, args: tuple) -> None:
+    """Show a batch to the loss-sample observers only: they record graph inputs, no forward needed."""
+    inputs = [n.name for n in observed.gm.graph.nodes if n.op == "placeholder"]
+    for name, arg in zip(inputs, args):
+        if name in observed.sample_observers:
+            observed.sample_observers[name](arg)
+
+
+def _counts(observed: ObservedGraph) -> list[int]:
+    """The calibration counters, flat: every mean observer's tokens and batches, then the totals."""
+    return [v for o in observed.mean_observers.values() for v in (o.count, o.batches)] + list(observed.calibration.values())
+
+
+def _set_counts(observed: ObservedGraph, values: list[int]) -> None:
+    observers = list(observed.mean_observers.values())
+    for i, o in enumerate(observers):
+        o.count, o.batches = values[2 * i], values[2 * i + 1]
+    observed.calibration.update(zip(list(observed.calibration), values[2 * len(observers):]))
+
+
+def _keep_partials(observed: ObservedGraph) -> list[int]:
+    """Before a rank calibrates its share: the mean observers keep per-batch sums; returns the counters so far."""
+    for obs in observed.mean_observers.values():
+        obs.partials = []
+    return _counts(observed)
+
+
+def _merge_shards(observed: ObservedGraph, before: list[int], seen: int) -> int:
+    """After a rank calibrated its share: every observer's sum is the sum over all ranks' batches,
+    added in batch order (exactly one process's sum), and the counters are totals. Returns the
+    batches all ranks ran."""
+    for obs in observed.mean_observers.values():
+        obs.sum = distributed.sum_in_order(obs.partials, obs.sum, what="calibration statistics")
+        obs.partials = None
+    added = distributed.all_reduce_sum(torch.tensor([n - b for n, b in zip(_counts(observed), before)] + [seen]),
+                                       what="calibration counts").tolist()
+    _set_counts(observed, [b + a for b, a in zip(before, added)])
+    return added[-1]

@@ -17,6 +17,7 @@ shard being filled; blocks after the last quantized one are read and written, ne
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 import awqfx
+from awqfx import distributed
 from awqfx.api import calibrate, convert, prepare, search
 from awqfx.apply import apply_plan
 from awqfx.calibrate import loss_sample_order
@@ -396,16 +398,18 @@ def quantize_sequential(
     gc.freeze()  # the skeleton and its graph live to the end: keep them out of every collection
     try:
         boundary = Boundary(batches, tmp_offload)
-        with checkpoint_dir(out) as tmp:
-            writer = BlockWriter(tmp, fmt, sm.skeleton, sm.aliases)
-            bar = tqdm(sm.blocks, desc="awq blocks", unit="block", disable=not progress)
+        main = distributed.is_main()  # every rank calibrates its share and finds the same plan; rank 0 writes
+        with checkpoint_dir(out) if main else contextlib.nullcontext() as tmp:
+            writer = BlockWriter(tmp, fmt, sm.skeleton, sm.aliases) if main else None
+            bar = tqdm(sm.blocks, desc="awq blocks", unit="block", disable=not progress or not main)
             for block in bar:
                 records.append(_quantize_block(sm, block, boundary, cfg, plan, writer, device,
                                                run_next=block.index < last_active, keep=needed[block.index]))
                 bar.set_postfix(block=block.owner or block.index, s=f"{records[-1].seconds:.1f}")
             bar.close()
-            write_extras(tmp, writer.finish(), getattr(sm.skeleton, "generation_config", None), tokenizer)
-            plan.save(tmp / "awq_plan")
+            if writer is not None:
+                write_extras(tmp, writer.finish(), getattr(sm.skeleton, "generation_config", None), tokenizer)
+                plan.save(tmp / "awq_plan")
     finally:
         gc.unfreeze()
         if tmp_offload is not None:
@@ -415,7 +419,7 @@ def quantize_sequential(
 
 
 def _quantize_block(sm: SequentialModel, block: Block, boundary: Boundary, cfg: AWQConfig, plan: AWQPlan,
-                    writer: BlockWriter, device: torch.device, run_next: bool, keep: set[str]) -> BlockRecord:
+                    writer: BlockWriter | None, device: torch.device, run_next: bool, keep: set[str]) -> BlockRecord:
     rec = BlockRecord(block.index, block.owner, sum(get_param(sm.gm, p).numel() for p in block.params), 0, 0)
     t_start = time.perf_counter()
 
@@ -452,12 +456,13 @@ def _quantize_block(sm: SequentialModel, block: Block, boundary: Boundary, cfg: 
             t = stage("next boundary", t)
         del bgm
         release_memory()
-    _load_output(sm, block, device)
-    if block_plan is not None:  # packed for writing only: no kernel layout
-        apply_plan(sm.skeleton, block_plan, weights="packed", inplace=True, backend="dequant")
-    writer.add(block)
-    _to_meta(sm.skeleton, block, sm.aliases)
-    release_memory()
+    if writer is not None:
+        _load_output(sm, block, device)
+        if block_plan is not None:  # packed for writing only: no kernel layout
+            apply_plan(sm.skeleton, block_plan, weights="packed", inplace=True, backend="dequant")
+        writer.add(block)
+        _to_meta(sm.skeleton, block, sm.aliases)
+        release_memory()
     stage("pack + write", t)
     rec.seconds = time.perf_counter() - t_start
     rec.peak_rss_mb = peak_rss_mb() or 0.0

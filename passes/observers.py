@@ -43,6 +43,9 @@ class MeanAbsObserver(nn.Module):
         self.sum: torch.Tensor | None = None
         self.count = 0
         self.batches = 0
+        # per-batch sums, kept instead of added while one rank of a distributed run calibrates its
+        # share of the batches (awqfx.calibrate adds every rank's in batch order afterwards)
+        self.partials: list[torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -56,7 +59,10 @@ class MeanAbsObserver(nn.Module):
                 f"(the input of the linears of {', '.join(self.serves)}). Check the model's weights and the "
                 "calibration inputs; a float16 model may overflow (calibrate in float32)."
             )
-        self.sum = s if self.sum is None else self.sum + s
+        if self.partials is not None:
+            self.partials.append(s)
+        else:
+            self.sum = s if self.sum is None else self.sum + s
         self.count += xf.shape[0]
         self.batches += 1
         return None

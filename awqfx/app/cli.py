@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import awqfx
+from awqfx import distributed
 from awqfx.app.assets import eval_text, load_model
 from awqfx.app.bench import format_bench, run_bench
 from awqfx.app.jobs import MODES, compare_methods, plot_results, quantize_model
@@ -140,15 +141,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out} already exists; pass --overwrite to replace it")
     cfg = _config_from_args(args)
     try:
-        rep = quantize_model(args.model, args.out, cfg, fmt=args.format, calib_source=args.calib, samples=args.samples,
-                             seq_len=args.seq_len, eval_file=args.eval, eval_windows=args.eval_windows,
-                             overwrite=args.overwrite, progress=not args.quiet,
-                             mode="sequential" if args.sequential else args.mode, offload_dir=args.offload_dir)
+        with distributed.launched(args.device):  # one rank of a torchrun launch, or the only process
+            rep = quantize_model(args.model, args.out, cfg, fmt=args.format, calib_source=args.calib,
+                                 samples=args.samples, seq_len=args.seq_len, eval_file=args.eval,
+                                 eval_windows=args.eval_windows, overwrite=args.overwrite, progress=not args.quiet,
+                                 mode="sequential" if args.sequential else args.mode, offload_dir=args.offload_dir)
+            prints = distributed.is_main()
     except (ConfigError, FormatError, CheckpointError, BlockSplitError) as e:
         raise UsageError(str(e)) from None
-    print("\nawqfx quantize: done\n" + rep.table())
-    if args.report:
-        Path(args.report).write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
+    if prints:
+        print("\nawqfx quantize: done\n" + rep.table())
+        if args.report:
+            Path(args.report).write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
     return EXIT_OK
 
 
@@ -338,18 +342,20 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "graph", None) and Path(args.graph).suffix.lower() not in (".svg", ".html"):
         parser.error(f"--graph must end in .svg or .html, got {args.graph!r}")
     try:
+        if distributed.requested() and args.func is not cmd_quantize:
+            raise UsageError(f"only 'awqfx quantize' runs on several processes; run 'awqfx {args.command}' without torchrun")
         return args.func(args)
     except UsageError as e:
-        print(f"awqfx: error: {e}", file=sys.stderr)
+        print(f"awqfx{distributed.tag()}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("awqfx: interrupted; nothing was written.", file=sys.stderr)
+        print(f"awqfx{distributed.tag()}: interrupted; nothing was written.", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as e:  # noqa: BLE001 - one paragraph, not a traceback
         if os.environ.get("AWQFX_DEBUG"):
             raise
         msg = " ".join(str(e).split())
-        print(f"awqfx: {type(e).__name__}: {msg}", file=sys.stderr)
+        print(f"awqfx{distributed.tag()}: {type(e).__name__}: {msg}", file=sys.stderr)
         return EXIT_FAILURE
 
 

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 
+from awqfx import distributed
 from awqfx.api import calibrate, convert, prepare, search
 from awqfx.app import assets, budget
 from awqfx.app.evaluate import perplexity, windows_for_eval
@@ -163,6 +164,8 @@ def quantize_model(
     else:
         model, tok, packed = _quantize_whole(rep, model_dir, out, cfg, fmt, calib_source, samples, seq_len, dtype,
                                              overwrite, progress)
+    if not distributed.is_main():
+        return rep
     rep.facts["size after"] = f"{dir_size(out) / 2**20:.1f} MiB on disk ({out})"
     if eval_file is not None:
         text = Path(eval_file).read_text(encoding="utf-8", errors="replace") if eval_file != "-" else assets.eval_text()
@@ -208,6 +211,8 @@ def _quantize_whole(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fmt
             calibrate(observed, calib, progress=progress)
     with rep.stage("search"):
         plan = search(observed, cfg, progress=progress)
+    if not distributed.is_main():  # every rank holds the plan; rank 0 packs, saves and evaluates
+        return model, tok, None
     _describe_weights(rep, plan, cfg)
     with rep.stage("pack"):
         packed = apply_plan(model, plan, weights="packed")

@@ -17,6 +17,7 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 import awqfx
+from awqfx import distributed
 from awqfx.config import AWQConfig
 from awqfx.graph import fetch_attr, float_dtype, linear_op, shallow_copy
 from awqfx.groups import ScaleGroup
@@ -84,6 +85,13 @@ def _check_calibrated(observed: ObservedGraph) -> None:
                            "before search" + (f" (no data at {empty[:3]})" if empty else ""))
 
 
+def _share_clips(ratio_of: dict[str, torch.Tensor], clip_tokens: dict[str, int]) -> None:
+    """Every rank's clip ratios (each searched a share of the weights) on every rank, in place."""
+    for ratios, tokens in distributed.all_gather((ratio_of, clip_tokens), what="the clip search"):
+        ratio_of.update(ratios)
+        clip_tokens.update(tokens)
+
+
 def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: bool = True) -> AWQPlan:
     """Find the AWQ scales and clip ranges for a calibrated :class:`ObservedGraph`; returns the plan.
 
@@ -118,6 +126,8 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     if quant_mode:
         changes.update({("weight", w): {w} for w in task_weights})
     sched = schedule_tasks(work, groups, task_weights, requires, changes)
+    # distributed: the clip searches go round-robin to the ranks (docs/design.md "Distributed calibration")
+    clip_turn = {w: i for i, w in enumerate(w for kind, w in sched.tasks if kind == "weight" and w in clip_set)}
 
     sample = loss_sample(observed, cfg.runtime.loss_samples)
     chunks = chunk_sample(sample, cfg.runtime.batch_size, device, observed.unbatched_inputs())
@@ -128,7 +138,7 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     ratio_of: dict[str, torch.Tensor] = {}
     clip_tokens: dict[str, int] = {}
     t_scale = t_clip = 0.0
-    bar = tqdm(sched.tasks, desc="awq search", unit="task", disable=not progress)
+    bar = tqdm(sched.tasks, desc="awq search", unit="task", disable=not progress or not distributed.is_main())
     with torch.no_grad(), cfg.autocast("search", device, float_dtype(work)):
         for ti, (kind, what) in enumerate(bar):
             t0 = time.perf_counter()
@@ -144,7 +154,7 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
                 t_scale += time.perf_counter() - t0
             else:
                 w, in_dim = what, weights[what].in_dim
-                if w in clip_set:
+                if w in clip_set and distributed.owns(clip_turn[w]):
                     stream.pinned = {data_node[w]}
                     xs = [v.reshape(-1, v.shape[-1]) for v in stream.values(data_node[w])]
                     x = torch.cat(xs, 0) if len(xs) > 1 else xs[0]
@@ -153,6 +163,9 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
                     ratio_of[w] = search_clip(wr, x, spec, clip.mode, clip.shrink_ratios(), clip.rounds).cpu()
                     clip_tokens[w] = x.shape[0]
                     del x, xs
+                if w in clip_set and quant_mode:  # the quantized weight feeds later tasks: every rank needs its clip now
+                    ratio_of[w], clip_tokens[w] = distributed.broadcast(
+                        (ratio_of.get(w), clip_tokens.get(w)), distributed.owner(clip_turn[w]), what="the clip search")
                 if quant_mode:
                     cur = get_param(work, w)
                     hi, lo = absolute_clip(cur, in_dim, spec, ratio_of[w], clip.mode) if w in ratio_of else (None, None)
@@ -163,6 +176,7 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
             stream.pinned = set()
             stream.sweep()
     bar.close()
+    _share_clips(ratio_of, clip_tokens)
 
     # Final folded float weights: the absolute clip ranges are taken on them.
     if quant_mode:  # the working copy holds quantized weights: fold a fresh copy

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from awqfx import distributed
 from awqfx.config import AWQConfig
 from awqfx.graph import linear_op
 from awqfx.groups import ScaleGroup
@@ -122,13 +123,21 @@ def region_outputs(x) -> list[torch.Tensor]:
     return []
 
 
+def _shared(losses: torch.Tensor) -> list[float]:
+    """Every rank's share of the candidate losses (zeros elsewhere), exchanged: all of them, exactly."""
+    return distributed.all_reduce_sum(losses, what="the scale search").tolist()
+
+
 def _losses(reg: Region, g: ScaleGroup, params: dict, envs: list[dict], cands, spec: QuantSpec, device) -> list[float]:
-    """Each candidate's MSE of the region output against the current float weights'."""
+    """Each candidate's MSE of the region output against the current float weights' (each rank
+    computes its round-robin share of the candidates)."""
     feeds = [[env[n] for n in reg.env_nodes] for env in envs]
     ref = [region_outputs(reg.gm(*f, *[params[t] for t in reg.attrs])) for f in feeds]
     numel = sum(t.numel() for r in ref for t in r)
-    losses = []
-    for _label, _form, _alpha, s_full in cands:
+    losses = torch.zeros(len(cands), dtype=torch.float64)
+    for i, (_label, _form, _alpha, s_full) in enumerate(cands):
+        if not distributed.owns(i):
+            continue
         p = dict(params)
         for c in g.consumers:
             if c.quantize and c.weight in p:
@@ -137,8 +146,8 @@ def _losses(reg: Region, g: ScaleGroup, params: dict, envs: list[dict], cands, s
         for f, r in zip(feeds, ref):
             for o, rr in zip(region_outputs(reg.gm(*f, *[p[t] for t in reg.attrs])), r):
                 err += float((o.float() - rr.float()).pow(2).sum(dtype=torch.float64))
-        losses.append(err / max(1, numel))
-    return losses
+        losses[i] = err / max(1, numel)
+    return _shared(losses)
 
 
 def _gram_losses(c, data: fx.Node, params: dict, envs: list[dict], cands, spec: QuantSpec, device) -> list[float]:
@@ -148,11 +157,12 @@ def _gram_losses(c, data: fx.Node, params: dict, envs: list[dict], cands, spec: 
         gram = sum(x.t() @ x for x in xs)
         n_tok = sum(x.shape[0] for x in xs)
         w0 = rows_view(params[c.weight], c.in_dim).float()
-        losses = []
-        for _label, _form, _alpha, s_full in cands:
-            d = rows_view(candidate_weight(params[c.weight], c, s_full.to(device), spec), c.in_dim).float() - w0
-            losses.append(float(((d @ gram) * d).sum(dtype=torch.float64)) / (n_tok * w0.shape[0]))
-    return losses
+        losses = torch.zeros(len(cands), dtype=torch.float64)
+        for i, (_label, _form, _alpha, s_full) in enumerate(cands):
+            if distributed.owns(i):
+                d = rows_view(candidate_weight(params[c.weight], c, s_full.to(device), spec), c.in_dim).float() - w0
+                losses[i] = float(((d @ gram) * d).sum(dtype=torch.float64)) / (n_tok * w0.shape[0])
+    return _shared(losses)
 
 
 def _gram_is_cheaper(c, data: fx.Node, params: dict, envs: list[dict]) -> bool:
