@@ -109,14 +109,18 @@ def quantize_model(
     eval_windows: int = 16,
     overwrite: bool = False,
     progress: bool = True,
+    dtype: str | torch.dtype = "auto",
 ) -> Report:
-    """Load, capture, calibrate, search, pack and save; returns the report for the summary."""
+    """Load, capture, calibrate, search, pack and save; returns the report for the summary.
+
+    ``dtype``: the precision the model is loaded and quantized in (``"auto"``: the checkpoint's own,
+    :func:`awqfx.app.assets.load_model`); the saved model keeps it for every unquantized tensor."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     rep = Report()
     with rep.stage("load model"):
-        model, tok = assets.load_model(model_path)
+        model, tok = assets.load_model(model_path, dtype)
     check_seq_len(model, seq_len)
     n_params = sum(p.numel() for p in model.parameters())
     rep.facts["model"] = f"{type(model).__name__} ({n_params / 1e6:.1f}M parameters)"
@@ -169,13 +173,15 @@ def compare_methods(
     calib_source: str | None = None,
     base_config: dict | None = None,
     progress: bool = True,
+    dtype: str | torch.dtype = "auto",
 ) -> dict[str, Any]:
-    """Perplexity of fp / RTN / AWQ at each bit width on ``text`` (the ``awqfx eval`` table).
+    """Perplexity of fp / RTN / AWQ at each bit width on ``text`` (the ``awqfx eval`` table), with
+    the model loaded in ``dtype`` (``"auto"``: the checkpoint's own).
 
     The model is captured and calibrated once; each bit width is a new search on the same
     statistics (they do not depend on the quantizer), so ``--bits 3,4`` costs one calibration.
     """
-    model, tok = assets.load_model(model_path)
+    model, tok = assets.load_model(model_path, dtype)
     check_seq_len(model, seq_len)
     wins = windows_for_eval(tok, text, seq_len, max_windows=max_windows)
     gm = capture(model)
