@@ -286,3 +286,16 @@ def test_cli_eval_dtype(tmp_path):
                 + QUICK) == 0
     fp = json.loads(js.read_text())["rows"][0]
     assert (fp["method"], fp["bits"]) == ("fp", 16)  # auto: the checkpoint's bf16 (float32 gives 32, test_cli)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_warns_when_the_cpu_has_no_native_half_matmuls(monkeypatch, caplog, fast):
+    from awqfx.app.jobs import warn_if_half_is_slow
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: fast)
+    with caplog.at_level("WARNING", logger="awqfx.app.jobs"):
+        warn_if_half_is_slow(torch.nn.Linear(2, 2).to(BF16), None)
+        warn_if_half_is_slow(torch.nn.Linear(2, 2).to(BF16), "cuda")
+        warn_if_half_is_slow(torch.nn.Linear(2, 2), None)
+    assert [r.getMessage().startswith("this CPU") for r in caplog.records] == ([] if fast else [True])
+    assert fast or "no native bfloat16 matmuls" in caplog.text

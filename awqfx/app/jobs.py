@@ -79,6 +79,23 @@ def layers_to_quantize(observed, cfg: AWQConfig) -> list[Layer]:
             for w in observed.discovery.quantizable if w in observed.linears]
 
 
+def warn_if_half_is_slow(model: nn.Module, device: str | None) -> None:
+    """Log a warning when a bf16/fp16 model is to run on a CPU without native matmuls in its dtype
+    (no avx512_bf16 / AMX / avx512_fp16): there they take several times as long as float32's."""
+    dtype = next(model.parameters()).dtype
+    if dtype not in (torch.bfloat16, torch.float16) or torch.device(device or "cpu").type != "cpu":
+        return
+    try:
+        fast = (torch.ops.mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16
+                else torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return
+    if not fast:
+        log.warning("this CPU (%s) has no native %s matmuls: the %s model runs several times slower than in "
+                    "float32 (--dtype float32 is faster here)", torch.backends.cpu.get_cpu_capability(),
+                    str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch."))
+
+
 def check_seq_len(model: nn.Module, seq_len: int) -> None:
     """Refuse a sequence length the model cannot attend over (its ``max_position_embeddings``),
     before any calibration work: such a run only grows until the OS kills it."""
@@ -122,6 +139,7 @@ def quantize_model(
     with rep.stage("load model"):
         model, tok = assets.load_model(model_path, dtype)
     check_seq_len(model, seq_len)
+    warn_if_half_is_slow(model, cfg.runtime.device)
     n_params = sum(p.numel() for p in model.parameters())
     rep.facts["model"] = f"{type(model).__name__} ({n_params / 1e6:.1f}M parameters)"
     with rep.stage("calibration text"):
@@ -183,6 +201,7 @@ def compare_methods(
     """
     model, tok = assets.load_model(model_path, dtype)
     check_seq_len(model, seq_len)
+    warn_if_half_is_slow(model, (base_config or {}).get("device"))
     wins = windows_for_eval(tok, text, seq_len, max_windows=max_windows)
     gm = capture(model)
     observed = None
