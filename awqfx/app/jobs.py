@@ -24,7 +24,7 @@ from awqfx.app import assets, budget
 from awqfx.app.evaluate import perplexity, windows_for_eval
 from awqfx.apply import apply_plan
 from awqfx.capture import capture
-from awqfx.checkpoint import Checkpoint, CheckpointError, checkpoint_dtype
+from awqfx.checkpoint import Checkpoint, CheckpointError
 from awqfx.config import AWQConfig, ConfigError
 from awqfx.formats import FormatError, Layer, check_format, load_quantized, save_quantized
 from awqfx.formats.common import alias_groups
@@ -78,6 +78,23 @@ def layers_to_quantize(observed, cfg: AWQConfig) -> list[Layer]:
             for w in observed.discovery.quantizable if w in observed.linears]
 
 
+def warn_if_half_is_slow(model: nn.Module, device: str | None) -> None:
+    """Log a warning when a bf16/fp16 model is to run on a CPU without native matmuls in its dtype
+    (no avx512_bf16 / AMX / avx512_fp16): there they take several times as long as float32's."""
+    dtype = next(model.parameters()).dtype
+    if dtype not in (torch.bfloat16, torch.float16) or torch.device(device or "cpu").type != "cpu":
+        return
+    try:
+        fast = (torch.ops.mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16
+                else torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return
+    if not fast:
+        log.warning("this CPU (%s) has no native %s matmuls: the %s model runs several times slower than in "
+                    "float32 (--dtype float32 is faster here)", torch.backends.cpu.get_cpu_capability(),
+                    str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch."))
+
+
 def check_seq_len(model: nn.Module, seq_len: int) -> None:
     """Refuse a sequence length the model cannot attend over (its ``max_position_embeddings``),
     before any calibration work: such a run only grows until the OS kills it."""
@@ -127,13 +144,15 @@ def quantize_model(
     overwrite: bool = False,
     progress: bool = True,
     mode: str = "auto",
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype = "auto",
     offload_dir: str | None = None,
 ) -> Report:
     """Load, capture, calibrate, search, pack and save; returns the report for the summary.
 
     ``mode``: ``whole`` (the whole graph in memory), ``sequential`` (block by block from the
     checkpoint's safetensors, :mod:`awqfx.sequential`) or ``auto`` (:func:`choose_mode`).
+    ``dtype``: the precision the model is quantized in (``"auto"``: the checkpoint's own,
+    :func:`awqfx.app.assets.resolve_dtype`); the saved model keeps it for every unquantized tensor.
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -149,7 +168,7 @@ def quantize_model(
             if mode == "sequential":
                 raise
             ckpt = None  # not safetensors: whole-graph mode only (transformers reads it)
-        dtype = dtype or checkpoint_dtype(model_dir) or (ckpt.dtype() if ckpt else None) or torch.float32
+        dtype = assets.resolve_dtype(model_dir, dtype)
         if ckpt is None:
             mode, why = "whole", "the checkpoint is not in safetensors"
         else:
@@ -186,6 +205,7 @@ def _quantize_whole(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fmt
     with rep.stage("load model"):
         model, tok = assets.load_model(model_dir, dtype=dtype)
     check_seq_len(model, seq_len)
+    warn_if_half_is_slow(model, cfg.runtime.device)
     n_params = sum(p.numel() for p in model.parameters())
     rep.facts["model"] = f"{type(model).__name__} ({n_params / 1e6:.1f}M parameters)"
     with rep.stage("calibration text"):
@@ -280,14 +300,17 @@ def compare_methods(
     calib_source: str | None = None,
     base_config: dict | None = None,
     progress: bool = True,
+    dtype: str | torch.dtype = "auto",
 ) -> dict[str, Any]:
-    """Perplexity of fp / RTN / AWQ at each bit width on ``text`` (the ``awqfx eval`` table).
+    """Perplexity of fp / RTN / AWQ at each bit width on ``text`` (the ``awqfx eval`` table), with
+    the model loaded in ``dtype`` (``"auto"``: the checkpoint's own).
 
     The model is captured and calibrated once; each bit width is a new search on the same
     statistics (they do not depend on the quantizer), so ``--bits 3,4`` costs one calibration.
     """
-    model, tok = assets.load_model(model_path)
+    model, tok = assets.load_model(model_path, dtype)
     check_seq_len(model, seq_len)
+    warn_if_half_is_slow(model, (base_config or {}).get("device"))
     wins = windows_for_eval(tok, text, seq_len, max_windows=max_windows)
     gm = capture(model)
     observed = None

@@ -14,6 +14,16 @@ of an activation scale node); 3-D MoE expert weights as
 ``[E, out, ceil(in*b/32)]``, ``.scales`` fp32 / ``.qzeros`` uint8 ``[E, out, G]``), listed in
 ``quantization_config.experts`` (``{weight: {"shape", "in_dim", "dtype", "bits", "group_size",
 "symmetric"}}``); every other tensor of the model under its own name.
+
+Precision: every tensor the model keeps unquantized (embeddings, norms, the LM head, biases) is
+stored in the model's own dtype, and ``config.json``'s ``dtype`` names it. The quantizer's scales
+(``scales``) and the activation input scales (``awqfx_input_scale``) stay float32 whatever the
+model's dtype, by decision: they are the numbers the search evaluated (the quantizer works in
+float32, :mod:`awqfx.quant`), so a loaded layer dequantizes to exactly
+``QuantizedWeight.dequantize()`` and a bf16 and an fp32 model quantized with the same plan hold
+the same weights; a bf16/fp16 runtime rounds them where it uses them (the int4 kernels' bf16
+scale/zero cache, ``x * factor.to(x.dtype)``). The cost over bf16 scales is 2 bytes per group (at
+4 bits, group 64: 37 bytes per group of codes, scale and zero point instead of 35).
 """
 
 from __future__ import annotations

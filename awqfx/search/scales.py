@@ -88,9 +88,15 @@ def candidates(cfg: AWQConfig, g: ScaleGroup, x_mean: torch.Tensor, w_mean: torc
 
 
 def candidate_weight(w: torch.Tensor, c, s_full: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``Q(W diag(s)) diag(s)^-1`` in ``w``'s dtype. ``W diag(s)`` is the weight the fold stores: the
+    float64 product rounded once to ``w``'s dtype (for a float32 ``w`` that is the float32 product);
+    the quantizer works in float32."""
     cs = along(column_scale(c.columns, s_full).to(device=w.device, dtype=torch.float32), c.in_dim, w.dim())
-    wf = w.float()
-    return (fake_quantize_param(wf * cs, c.in_dim, spec) / cs).to(w.dtype)
+    if w.dtype == torch.float32:
+        scaled = w * cs
+    else:
+        scaled = (w.double() * cs.double()).to(w.dtype)
+    return (fake_quantize_param(scaled, c.in_dim, spec).float() / cs).to(w.dtype)
 
 
 def single_linear(work: fx.GraphModule, reg: Region, g: ScaleGroup):
