@@ -273,7 +273,8 @@ QUICK = ["--samples", "4", "--seq-len", "16", "--quiet", "--n-grid", "4", "--gro
 @pytest.mark.parametrize("flag, want", [(None, "bfloat16"), ("float32", "float32")])
 def test_cli_quantize_dtype(tmp_path, capsys, flag, want):
     src, out = _save_dir(tmp_path / "m"), tmp_path / "q"
-    argv = ["quantize", str(src), "--out", str(out), "--method", "rtn"] + QUICK + (["--dtype", flag] if flag else [])
+    argv = ["quantize", str(src), "--out", str(out), "--method", "rtn", "--mode", "whole"] + QUICK + (
+        ["--dtype", flag] if flag else [])
     assert main(argv) == 0
     assert f"torch.{want}, in memory" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["dtype"] == want

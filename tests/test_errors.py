@@ -152,14 +152,17 @@ def test_workflow_imports_without_the_posix_resource_module(monkeypatch):
     import sys
 
     import awqfx.app.jobs
+    import awqfx.memory
 
     monkeypatch.setitem(sys.modules, "resource", None)  # `import resource` now raises ImportError
     try:
+        importlib.reload(awqfx.memory)
         workflow = importlib.reload(awqfx.app.jobs)
         assert workflow.peak_rss_mb() is None
         assert "peak memory (RSS)  n/a" in workflow.Report().table()
     finally:
         monkeypatch.undo()
+        importlib.reload(awqfx.memory)
         importlib.reload(awqfx.app.jobs)
     assert awqfx.app.jobs.peak_rss_mb() > 0
 
