@@ -49,7 +49,7 @@ def test_blocks_of_llama_are_its_decoder_layers():
     assert len(blocks[2].inputs) == 6 and len(floats) == 3  # cos, sin, residual
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gemma2", "phi3", "qwen2_moe", "bloom"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "qwen2_moe", "bloom"])
 def test_every_group_lies_in_one_block_and_every_layer_is_cut(arch):
     gm, disc, blocks = _blocks(arch)
     where = {p: b.index for b in blocks for p in b.params}
@@ -60,7 +60,7 @@ def test_every_group_lies_in_one_block_and_every_layer_is_cut(arch):
     assert layers == {"0", "1"}, [b.owner for b in blocks]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2_moe"])
 def test_chained_blocks_compute_the_model(arch):
     model = build(arch)
     gm = awqfx.capture(model)
