@@ -9,7 +9,9 @@ try:
 except ImportError:  # not POSIX (Windows): no peak-RSS figure
     resource = None
 
-__all__ = ["release_memory", "peak_rss_mb"]
+__all__ = ["release_memory", "peak_rss_mb", "map_large_allocations"]
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
 
 
 def peak_rss_mb() -> float | None:
@@ -29,5 +31,22 @@ def release_memory() -> None:
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def map_large_allocations(threshold: int = 2**20) -> None:
+    """Serve every allocation of ``threshold`` bytes or more from its own memory mapping, returned to
+    the OS the moment it is freed (glibc ``mallopt(M_MMAP_THRESHOLD)``; process-wide, a no-op where
+    glibc is absent).
+
+    glibc raises its mapping threshold to the size of each large block freed (up to 32 MiB), after
+    which blocks of that size come from the heap and their freed pages stay resident: the search
+    of one TinyLlama layer then peaks ~190 MB higher, on freed candidate weights and activations
+    left in the heap. A fixed threshold keeps the resident size at what is live, for the price of a
+    page fault per 4 KiB of each large tensor (milliseconds against seconds of matmuls per candidate).
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(threshold))
     except (OSError, AttributeError):
         pass

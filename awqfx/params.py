@@ -14,8 +14,8 @@ from awqfx.groups import ScaleGroup
 from awqfx.quant import QuantSpec, fake_quantize
 
 __all__ = [
-    "fetch_attr", "get_param", "set_param", "has_param", "move_to", "full_scale", "column_scale", "along",
-    "fold_parameters", "input_scales_of", "rows_view", "from_rows", "fake_quantize_param",
+    "fetch_attr", "get_param", "set_param", "has_param", "move_to", "release_parameters", "full_scale",
+    "column_scale", "along", "fold_parameters", "input_scales_of", "rows_view", "from_rows", "fake_quantize_param",
 ]
 
 
@@ -53,6 +53,13 @@ def move_to(module: nn.Module, device) -> None:
         v = fetch_attr(module, t)
         if isinstance(v, torch.Tensor) and v.device != device:
             set_param(module, t, v.to(device))
+
+
+def release_parameters(module: nn.Module) -> None:
+    """Replace every parameter of ``module`` by a meta tensor of its shape (by *replacing*, so a
+    tensor shared with another module stays there; one held nowhere else is freed at once)."""
+    for name, p in list(module.named_parameters()):
+        set_param(module, name, torch.empty_like(p, device="meta"))
 
 
 def full_scale(group: ScaleGroup, s: torch.Tensor) -> torch.Tensor:

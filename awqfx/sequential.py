@@ -50,20 +50,22 @@ from awqfx.formats.common import (
 from awqfx.formats.shards import ShardWriter
 from awqfx.graph import linear_table
 from awqfx.groups import Discovery
-from awqfx.memory import peak_rss_mb, release_memory
+from awqfx.memory import map_large_allocations, peak_rss_mb, release_memory
 from awqfx.modules import QuantLinear
 from awqfx.observed import ObservedGraph
 from awqfx.packed_model import packed_modules, parent_map
-from awqfx.params import get_param, set_param
+from awqfx.params import get_param, release_parameters, set_param
 from awqfx.passes.blocks import Block, BlockSplitError, block_module, split_blocks
 from awqfx.passes.discover import discover
 from awqfx.plan import AWQPlan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SequentialModel", "BlockRecord", "open_sequential", "quantize_sequential", "compute_dtype_for"]
+__all__ = ["SequentialModel", "BlockRecord", "open_sequential", "quantize_sequential", "compute_dtype_for",
+           "held_batches"]
 
-OUTPUT_SHARD_BYTES = 64 * 2**20  # output buffered before a shard is written (a larger tensor gets its own)
+OUTPUT_SHARD_BYTES = 16 * 2**20  # a shard is written after the block that fills this much (blocks are never split
+# across shards below the usual 2 GiB); kept small: what is buffered is held through the next block's search
 
 
 @dataclass
@@ -124,6 +126,7 @@ def open_sequential(path: str | os.PathLike, dtype: torch.dtype | None = None, q
     tensors are missing or mis-shaped and :class:`~awqfx.passes.blocks.BlockSplitError` when the
     graph cannot be cut, before any work.
     """
+    map_large_allocations()  # from here on, freed block tensors leave the process instead of the heap
     path = Path(path)
     ckpt = Checkpoint(path)
     dtype = dtype or ckpt.dtype() or torch.float32
@@ -147,26 +150,26 @@ def open_sequential(path: str | os.PathLike, dtype: torch.dtype | None = None, q
 
 class Boundary:
     """The values crossing the current block boundary, one dict per calibration batch, in memory
-    or (with ``offload_dir``) one file per batch on disk."""
+    or (with ``offload_dir``) one file per batch on disk. A batch given as None is not held here
+    (another rank's, in a distributed run): it stays None at every boundary."""
 
-    def __init__(self, batches: list[dict[str, Any]], offload_dir: Path | None = None):
+    def __init__(self, batches: list[dict[str, Any] | None], offload_dir: Path | None = None):
         self.dir = offload_dir
         self.n = len(batches)
-        self._mem: list[dict[str, Any]] = []
+        self._mem: list[dict[str, Any] | None] = [None] * self.n
+        self._absent = {i for i, values in enumerate(batches) if values is None}
         for i, values in enumerate(batches):
-            self.put(i, values)
+            if values is not None:
+                self.put(i, values)
 
-    def get(self, i: int) -> dict[str, Any]:
-        if self.dir is None:
+    def get(self, i: int) -> dict[str, Any] | None:
+        if self.dir is None or i in self._absent:
             return self._mem[i]
         return torch.load(self.dir / f"batch-{i:06d}.pt", weights_only=True)
 
     def put(self, i: int, values: dict[str, Any]) -> None:
         if self.dir is None:
-            if i == len(self._mem):
-                self._mem.append(values)
-            else:
-                self._mem[i] = values
+            self._mem[i] = values
             return
         torch.save({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in values.items()},
                    self.dir / f"batch-{i:06d}.pt")
@@ -174,13 +177,11 @@ class Boundary:
     def args(self, names: list[str]) -> "BoundaryArgs":
         return BoundaryArgs(self, names)
 
-    def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in self.get(0).values() if isinstance(v, torch.Tensor)) * self.n
-
 
 @dataclass
 class BoundaryArgs:
-    """The calibration batches as a block's positional arguments (what ``calibrate`` iterates)."""
+    """The calibration batches as a block's positional arguments (what ``calibrate`` iterates); a
+    batch not held here is all None, which ``calibrate`` skips."""
 
     boundary: Boundary
     names: list[str]
@@ -191,7 +192,17 @@ class BoundaryArgs:
     def __iter__(self) -> Iterator[tuple]:
         for i in range(self.boundary.n):
             values = self.boundary.get(i)
-            yield tuple(values[n] for n in self.names)
+            yield tuple(None if values is None else values[n] for n in self.names)
+
+
+def held_batches(n: int, cfg: AWQConfig) -> set[int]:
+    """The calibration batches this rank keeps at every boundary: its share of the calibration
+    (:func:`awqfx.distributed.shard`, as ``calibrate`` splits them) and the first ones, which hold
+    the loss sample every rank records. All of them in one process."""
+    if distributed.world_size() == 1:
+        return set(range(n))
+    sample = -(-cfg.runtime.loss_samples // cfg.runtime.batch_size) if cfg.needs_calibration else 0
+    return set(distributed.shard(n)) | set(range(min(n, sample)))
 
 
 # --------------------------------------------------------------------------------- one block
@@ -238,13 +249,21 @@ def _check_groups(sm: SequentialModel, block: Block, observed: ObservedGraph) ->
 
 
 def _run(bgm: fx.GraphModule, boundary: Boundary, block: Block, keep: set[str], device: torch.device) -> None:
-    """Replace each batch's boundary values by the block's outputs (and the inputs still needed later)."""
+    """Replace each held batch's boundary values by the block's outputs (and the inputs still needed later)."""
     with torch.no_grad():
-        for i, args in enumerate(boundary.args(block.inputs)):
-            outs = bgm(*(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
-            values = {k: v for k, v in boundary.get(i).items() if k in keep}
-            values.update(zip(block.outputs, outs))
-            boundary.put(i, values)
+        for i in range(boundary.n):
+            values = boundary.get(i)
+            if values is not None:
+                boundary.put(i, _next_values(bgm, block, values, keep, device))
+
+
+def _next_values(bgm: fx.GraphModule, block: Block, values: dict[str, Any], keep: set[str],
+                 device: torch.device) -> dict[str, Any]:
+    """One batch's values after ``block``: its outputs, and the values before it that later blocks read."""
+    outs = bgm(*(values[n].to(device) if isinstance(values[n], torch.Tensor) else values[n] for n in block.inputs))
+    kept = {k: v for k, v in values.items() if k in keep}
+    kept.update(zip(block.outputs, outs))
+    return kept
 
 
 def _part(model: nn.Module, prefixes: set[str]) -> nn.Module:
@@ -313,7 +332,7 @@ class BlockWriter:
         self.fmt = format_module(fmt)
         self.model = model
         self.aliases = aliases
-        self.shards = ShardWriter(directory, OUTPUT_SHARD_BYTES)
+        self.shards = ShardWriter(directory)
         self.written: set[str] = set()
         self.qcfg: dict | None = None
 
@@ -333,6 +352,8 @@ class BlockWriter:
             fresh[k] = t
             self.written.add(k)
         self.shards.add(fresh)
+        if self.shards.buffered >= OUTPUT_SHARD_BYTES:
+            self.shards.flush()
 
     def finish(self) -> dict:
         self.shards.finish()
@@ -382,6 +403,10 @@ def quantize_sequential(
     last_active = max((b.index for b in sm.blocks if quantizable & set(b.params)), default=-1)
     if last_active < 0:
         raise BlockSplitError("no block has a weight to quantize")
+    if cfg.needs_calibration and calib.shape[0] < cfg.runtime.loss_samples:  # said once, not by every block's search
+        log.warning("search: loss_samples=%d asked for, %d available: calibration had only %d sequences",
+                    cfg.runtime.loss_samples, calib.shape[0], calib.shape[0])
+        cfg = cfg.with_(loss_samples=int(calib.shape[0]))
     needed = _needed_after(sm.blocks)
     (inp,) = [n.name for n in sm.gm.graph.nodes if n.op == "placeholder"]
     rows = torch.arange(calib.shape[0])
@@ -397,7 +422,8 @@ def quantize_sequential(
     records: list[BlockRecord] = []
     gc.freeze()  # the skeleton and its graph live to the end: keep them out of every collection
     try:
-        boundary = Boundary(batches, tmp_offload)
+        held = held_batches(len(batches), cfg)  # distributed: each rank runs the blocks on its share only
+        boundary = Boundary([b if i in held else None for i, b in enumerate(batches)], tmp_offload)
         main = distributed.is_main()  # every rank calibrates its share and finds the same plan; rank 0 writes
         with checkpoint_dir(out) if main else contextlib.nullcontext() as tmp:
             writer = BlockWriter(tmp, fmt, sm.skeleton, sm.aliases) if main else None
@@ -435,26 +461,33 @@ def _quantize_block(sm: SequentialModel, block: Block, boundary: Boundary, cfg: 
         bgm = block_module(sm.gm, block, device)
         _load_compute(sm, block, bgm, device)
         t = stage("load", t)
+        quant_boundary = cfg.scales is not None and cfg.scales.propagate == "quant"
+        observed = None
         if quantized:
             observed = prepare(bgm, cfg)
             _check_groups(sm, block, observed)
             if cfg.needs_calibration:
                 calibrate(observed, boundary.args(block.inputs), progress=False)
             t = stage("calibrate", t)
-            block_plan = search(observed, cfg, progress=False)
+        if run_next and not quant_boundary:  # float weights: before the search folds them away
+            _run(bgm, boundary, block, keep, device)
+            t = stage("next boundary", t)
+        if quantized:
+            if not quant_boundary:  # the search's working copy takes the block's weights: one copy, folded in place
+                release_parameters(bgm)  # now: a GraphModule and its Graph form a cycle, freed by a full collection
+                del bgm
+            block_plan = search(observed, cfg, progress=False, take_weights=not quant_boundary)
             del observed
             rec.groups, rec.weights = len(block_plan.groups), len(block_plan.weights)
             plan.groups.extend(block_plan.groups)
             plan.weights.update(block_plan.weights)
             t = stage("search", t)
-        if run_next:
-            runner = bgm
-            if block_plan is not None and cfg.scales is not None and cfg.scales.propagate == "quant":
-                runner = convert(bgm, block_plan, weights="fake")
+        if run_next and quant_boundary:
+            runner = convert(bgm, block_plan, weights="fake") if block_plan is not None else bgm
             _run(runner, boundary, block, keep, device)
             del runner
             t = stage("next boundary", t)
-        del bgm
+        bgm = observed = None
         release_memory()
     if writer is not None:
         _load_output(sm, block, device)

@@ -18,6 +18,7 @@ RANK = os.environ.get("RANK")
 calibrate = importlib.import_module("awqfx.calibrate")
 driver = importlib.import_module("awqfx.search.driver")
 scales = importlib.import_module("awqfx.search.scales")
+sequential = importlib.import_module("awqfx.sequential")
 
 
 def _injected_failure(*args, **kwargs):
@@ -39,7 +40,8 @@ if os.environ.get("AWQFX_TEST_FAIL_RANK") == RANK:
 
 if os.environ.get("AWQFX_TEST_TRACE"):
     calls = Counter()
-    for mod, fn in [(calibrate, "_record_sample"), (driver, "search_clip"), (scales, "candidate_weight")]:
+    for mod, fn in [(calibrate, "_record_sample"), (driver, "search_clip"), (scales, "candidate_weight"),
+                    (sequential, "_next_values")]:
         _count_calls(calls, mod, fn)
     atexit.register(lambda: (Path(os.environ["AWQFX_TEST_TRACE"]) / f"rank{RANK}.json").write_text(json.dumps(calls)))
 

@@ -134,6 +134,18 @@ def test_prefix_tokenization_matches_whole_text():
     assert torch.equal(part, whole[:1000])
 
 
+def test_tokenizing_in_pieces_equals_one_call(real_model, monkeypatch):
+    """The calibration text goes to the tokenizer in pieces cut before blank lines; on the bundled
+    model's byte-level BPE the ids equal one call's."""
+    _model, tok = real_model
+    text = assets.calibration_text()[:60_000]
+    monkeypatch.setattr(assets, "TOKENIZE_CHARS", 2_000)
+    assert len(list(assets._pieces(text, assets.TOKENIZE_CHARS))) > 20
+    whole = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+    assert assets._tokenize(tok, text).tolist() == whole
+    assert assets._tokenize(tok, text, max_tokens=3000).tolist() == whole[:3000]
+
+
 def test_calibration_samples_sources(tmp_path):
     tok = CharTokenizer()
     f = tmp_path / "a.md"

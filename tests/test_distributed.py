@@ -28,11 +28,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(tmp: Path, out: Path, **env) -> subprocess.CompletedProcess:
+def _torchrun(tmp: Path, out: Path, *flags: str, **env) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node 2 tests/dist_helper.py quantize ...`` on the tiny model, one thread per rank."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(HELPER),
-           "quantize", str(tmp / "src"), "--out", str(out), "--calib", str(tmp / "calib.txt")] + FLAGS
+           "quantize", str(tmp / "src"), "--out", str(out), "--calib", str(tmp / "calib.txt")] + FLAGS + list(flags)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AWQFX_DIST_TIMEOUT": "120", **env}
     env.pop("PYTEST_XDIST_WORKER_COUNT", None)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -68,6 +68,22 @@ def test_two_gloo_ranks_write_the_tensors_of_one_process(tiny, one_thread):
     ranks = [json.loads((tiny / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [t["_record_sample"] for t in ranks] == [1, 2]  # batches of the other rank: loss sample only
     assert all(t["candidate_weight"] > 0 and t["search_clip"] > 0 for t in ranks)
+
+
+def test_two_gloo_ranks_block_by_block_write_the_tensors_of_one_process(tiny, one_thread):
+    trace = tiny / "seq-trace"
+    trace.mkdir()
+    run = _torchrun(tiny, tiny / "two-seq", "--mode", "sequential", AWQFX_TEST_TRACE=str(trace))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert main(["quantize", str(tiny / "src"), "--out", str(tiny / "one-seq"), "--calib", str(tiny / "calib.txt"),
+                 "--mode", "sequential"] + FLAGS) == 0
+    one, two = _tensors(tiny / "one-seq"), _tensors(tiny / "two-seq")
+    assert one.keys() == two.keys() and any(k.endswith(".qweight") for k in one)
+    assert [k for k in one if not torch.equal(one[k], two[k])] == []
+    # the embeddings and the first layer feed the next block: rank 0 runs them on batches 0-1 (its
+    # share), rank 1 on batch 2 (its share) and batch 0 (the loss sample); one process runs all 3
+    ranks = [json.loads((trace / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [t["_next_values"] for t in ranks] == [4, 4]
 
 
 def test_a_failing_rank_fails_the_run_with_its_message_and_no_output(tiny):

@@ -281,6 +281,17 @@ def test_cli_quantize_dtype(tmp_path, capsys, flag, want):
     assert _stored_dtypes(out)["model.embed_tokens.weight"] == {"bfloat16": "BF16", "float32": "F32"}[want]
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_quantize_eval_of_bf16_runs_in_float32_where_bf16_matmuls_are_slow(tmp_path, capsys, monkeypatch, fast):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: fast)
+    src, out = _save_dir(tmp_path / "m"), tmp_path / "q"
+    assert main(["quantize", str(src), "--out", str(out), "--method", "rtn", "--mode", "whole", "--eval", "-",
+                 "--eval-windows", "1"] + QUICK) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "perplexity before" in ln)
+    assert ("computed in torch.float32" in line) == (not fast)
+    assert _stored_dtypes(out)["model.embed_tokens.weight"] == "BF16"  # the output keeps bf16 either way
+
+
 def test_cli_eval_dtype(tmp_path):
     src, js = _save_dir(tmp_path / "m"), tmp_path / "r.json"
     assert main(["eval", str(src), "--bits", "4", "--methods", "fp,rtn", "--max-windows", "2", "--json", str(js)]

@@ -104,6 +104,52 @@ def test_sequential_writes_what_the_whole_graph_mode_writes(llama_dir, tmp_path)
                            load_quantized(tmp_path / "whole")(token_ids()).logits)
 
 
+def test_search_taking_the_weights_finds_the_same_plan():
+    """``take_weights``: the working copy owns the weights (the observed graph keeps meta tensors)
+    and the plan is the one found on shared weights."""
+    model = build("llama")
+    gm = awqfx.capture(model)
+    plans = []
+    for take in (False, True):
+        observed = calibrate(prepare(gm, CFG), calib_ids(8, 16), progress=False)
+        plans.append(search(observed, CFG, progress=False, take_weights=take))
+        on_meta = {n for n, p in observed.gm.named_parameters() if p.device.type == "meta"}
+        assert on_meta == (set(dict(observed.gm.named_parameters())) if take else set())
+    assert all(p.device.type == "cpu" for p in gm.parameters())  # the caller's graph is untouched
+    shared, taken = plans
+    assert [g.name for g in shared.groups] == [g.name for g in taken.groups]
+    assert all(torch.equal(a.scale, b.scale) for a, b in zip(shared.groups, taken.groups))
+    clipped = [w for w in shared.weights if shared.weights[w].max_val is not None]
+    assert clipped and all(taken.weights[w].max_val is not None for w in clipped)
+    assert all(torch.equal(shared.weights[w].max_val, taken.weights[w].max_val) for w in clipped)
+
+
+def test_quant_propagation_feeds_later_blocks_the_quantized_outputs(llama_dir, tmp_path):
+    """``propagate="quant"``: the first layer sees the embeddings in both modes and is written as
+    the whole-graph mode writes it; the second is calibrated on the first's fake-quantized outputs
+    (the whole-graph mode calibrates every layer on the float model), so it is not."""
+    calib, cfg = calib_ids(8, 16), CFG.with_(propagate="quant")
+    quantize_sequential(open_sequential(llama_dir), calib, cfg, tmp_path / "seq", progress=False)
+    model = build("llama")
+    save_quantized(apply_plan(model, _whole(model, calib, cfg), weights="packed"), tmp_path / "whole")
+    seq, whole = _tensors(tmp_path / "seq"), _tensors(tmp_path / "whole")
+    assert seq.keys() == whole.keys()
+    first = [k for k in seq if k.startswith("model.layers.0.")]
+    second = [k for k in seq if k.startswith("model.layers.1.") and "qweight" in k]
+    assert first and second
+    assert all(torch.equal(seq[k], whole[k]) for k in first)
+    assert not all(torch.equal(seq[k], whole[k]) for k in second)
+
+
+def test_a_short_calibration_is_reported_once_not_per_block(llama_dir, tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        plan, _ = quantize_sequential(open_sequential(llama_dir), calib_ids(2, 16), CFG, tmp_path / "q",
+                                      progress=False)
+    said = [r.getMessage() for r in caplog.records if "loss_samples=4 asked for, 2 available" in r.getMessage()]
+    assert len(said) == 1
+    assert plan.config["runtime"]["loss_samples"] == 2
+
+
 def test_offload_and_shards_give_the_same_model(llama_dir, tmp_path, monkeypatch):
     calib = calib_ids(8, 16)
     quantize_sequential(open_sequential(llama_dir), calib, CFG, tmp_path / "mem", progress=False)
@@ -113,6 +159,10 @@ def test_offload_and_shards_give_the_same_model(llama_dir, tmp_path, monkeypatch
     assert list(offload.iterdir()) == []  # the boundary files are removed
     index = json.loads((tmp_path / "disk" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
+    files_of = {}
+    for name, file in index["weight_map"].items():
+        files_of.setdefault(".".join(name.split(".")[:3]), set()).add(file)
+    assert all(len(f) == 1 for k, f in files_of.items() if k.startswith("model.layers."))  # a block is one shard
     a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "disk")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with torch.no_grad():
@@ -152,11 +202,11 @@ def test_incomplete_checkpoints_are_refused_before_any_work(llama_dir, tmp_path)
 def test_failure_leaves_no_output(llama_dir, tmp_path, monkeypatch):
     calls = []
 
-    def failing_search(observed, cfg, progress=True):
+    def failing_search(observed, cfg, progress=True, **kw):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return search(observed, cfg, progress=progress)
+        return search(observed, cfg, progress=progress, **kw)
 
     monkeypatch.setattr(sequential, "search", failing_search)
     with pytest.raises(KeyboardInterrupt):

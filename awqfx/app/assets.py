@@ -44,9 +44,9 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-import datasets
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -309,6 +309,8 @@ def _read_md_files(files: list[Path], use_datasets: bool = False) -> list[str]:
     if not use_datasets:
         return [f.read_text(encoding="utf-8") for f in files]
     _offline()
+    import datasets  # here, not at the top: it loads pandas and pyarrow, ~170 MB resident for every command
+
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
@@ -370,30 +372,42 @@ def eval_text(seed: int = 0) -> str:
     return _join(calibration_and_eval_split(seed)[1])
 
 
+TOKENIZE_CHARS = 1 << 18  # characters per tokenizer call (see _tokenize)
+
+
+def _pieces(text: str, size: int) -> Iterator[str]:
+    """``text`` in consecutive pieces of about ``size`` characters, each cut just before a blank line."""
+    start = 0
+    while len(text) - start > size:
+        cut = text.find("\n\n", start + size)
+        if cut < 0:
+            break
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
 def _tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
     """1-D LongTensor of the token ids of ``text`` (no special tokens, no length warning).
 
-    With ``max_tokens``, only a prefix of the text is tokenized when that is enough: a prefix cut at
-    a blank line, grown until it yields ``max_tokens`` plus a margin, so the first ``max_tokens``
-    ids equal those of the whole text (tokenizing the 1.2M-token calibration text takes ~6 s).
+    The text goes to the tokenizer in pieces of :data:`TOKENIZE_CHARS` cut before blank lines
+    (the next piece starts with that blank line): one call on the whole 3.9M-character calibration
+    text holds ~640 MB of the tokenizer's per-character bookkeeping at once, the pieces ~60 MB. A
+    byte-level BPE never merges across that cut, so the ids equal one call's (a tokenizer that
+    prefixes each call's first word, like SentencePiece's, differs at the cuts only). With
+    ``max_tokens``, pieces are tokenized until ``max_tokens`` plus a margin are found.
     """
-    if not text:
-        return torch.zeros(0, dtype=torch.long)
-
-    def enc(t: str) -> list[int]:
-        return tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"]
-
-    if max_tokens is not None:
-        margin = 256
-        chars = 6 * (max_tokens + margin)  # ~3.3 characters per token on the plays
-        while chars < len(text):
-            cut = text.rfind("\n\n", 0, chars)
-            if cut > 0:
-                ids = enc(text[:cut])
-                if len(ids) >= max_tokens + margin:
-                    return torch.tensor(ids[:max_tokens], dtype=torch.long)
-            chars *= 2
-    return torch.tensor(enc(text), dtype=torch.long)
+    margin = 256
+    parts: list[torch.Tensor] = []
+    found = 0
+    for piece in _pieces(text, TOKENIZE_CHARS):
+        ids = tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]
+        parts.append(torch.tensor(ids, dtype=torch.long))
+        found += len(ids)
+        if max_tokens is not None and found >= max_tokens + margin:
+            break
+    ids = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    return ids if max_tokens is None else ids[:max_tokens]
 
 
 def _cut(ids: torch.Tensor, seq_len: int, n: int | None, what: str, spread: bool = True) -> torch.Tensor:

@@ -13,8 +13,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 
@@ -193,9 +191,13 @@ def quantize_model(
             if model is None:
                 model, _ = assets.load_model(model_dir, dtype=dtype)
                 packed = load_quantized(out)
+            compute = compute_dtype_for(dtype, cfg.runtime.device)
+            if compute != dtype:  # e.g. bf16 on a CPU without bf16 matmuls: the same values, evaluated in float32
+                model, packed = model.to(compute), packed.to(compute)
             before = perplexity(model, wins, progress=progress)
             after = perplexity(packed, wins, progress=progress)
-        rep.facts["perplexity before"] = f"{before:.3f} ({wins.shape[0]} x {wins.shape[1]} tokens)"
+        computed = "" if compute == dtype else f", computed in {compute}"
+        rep.facts["perplexity before"] = f"{before:.3f} ({wins.shape[0]} x {wins.shape[1]} tokens{computed})"
         rep.facts["perplexity after"] = f"{after:.3f}"
     return rep
 
@@ -262,13 +264,15 @@ def _quantize_blocks(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fm
     rep.facts["blocks"] = f"{len(sm.blocks)} ({sum(bool(set(b.params) & set(d.quantizable)) for b in sm.blocks)} quantized)"
     refuse_unfit_format(fmt, sm.observed_view(cfg), cfg)
     sizes = [sm.block_bytes(b) for b in sm.blocks]
-    quantized = [s for b, s in zip(sm.blocks, sizes) if set(b.params) & set(d.quantizable)]
-    outside = sum(s for b, s in zip(sm.blocks, sizes) if not set(b.params) & set(d.quantizable))
+    is_quantized = [bool(set(b.params) & set(d.quantizable)) for b in sm.blocks]
+    last = max(i for i, q in enumerate(is_quantized) if q) if any(is_quantized) else -1
     est = budget.estimate_memory(sm.gm, samples=samples if cfg.needs_calibration else 0, seq_len=seq_len,
                                  batch_size=cfg.runtime.batch_size,
                                  loss_samples=cfg.runtime.loss_samples if cfg.needs_calibration else 0,
-                                 weight_bytes=sum(sizes), blocks=sm.blocks, block_bytes=quantized,
-                                 outside_bytes=outside, offload=offload_dir is not None)
+                                 weight_bytes=sum(sizes), blocks=sm.blocks[: last + 1],
+                                 block_bytes=[s for s, q in zip(sizes, is_quantized) if q],
+                                 outside_bytes=max((s for s, q in zip(sizes, is_quantized) if not q), default=0),
+                                 offload=offload_dir is not None)
     budget.check_fits(est, cfg.runtime.device, "lower --seq-len or --samples, or keep the boundary on disk "
                       "(--offload-dir)")
     rep.facts["memory estimate"] = f"{est.total / 2**30:.2f} GiB ({est.describe()})"
@@ -347,6 +351,10 @@ def compare_methods(
 
 def plot_results(result: dict[str, Any], path: str | Path) -> None:
     """Perplexity vs bits, one line per method (fp as a horizontal line)."""
+    # here, not at the top: only `awqfx eval --plot` draws, and matplotlib is ~26 MB resident in every command
+    import matplotlib
+    import matplotlib.pyplot as plt
+
     matplotlib.use("Agg")
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = result["rows"]

@@ -46,6 +46,11 @@ class ShardWriter:
             self._buffered += nbytes
             self.total_bytes += nbytes
 
+    @property
+    def buffered(self) -> int:
+        """Bytes queued and not yet written."""
+        return self._buffered
+
     def flush(self) -> None:
         """Write the buffered tensors as the next shard."""
         if not self._buffer:

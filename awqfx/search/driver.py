@@ -23,7 +23,7 @@ from awqfx.graph import fetch_attr, float_dtype, linear_op, shallow_copy
 from awqfx.groups import ScaleGroup
 from awqfx.memory import release_memory
 from awqfx.observed import ObservedGraph
-from awqfx.params import fake_quantize_param, get_param, move_to, rows_view, set_param
+from awqfx.params import fake_quantize_param, get_param, move_to, release_parameters, rows_view, set_param
 from awqfx.passes.dtype_asserts import drop_dtype_asserts
 from awqfx.passes.fold import fold_scales
 from awqfx.passes.input_scales import insert_input_scales
@@ -71,6 +71,14 @@ def _working_copy(observed: ObservedGraph, groups: list[ScaleGroup], device) -> 
     return work, insert_input_scales(work, ones) if ones else {}
 
 
+def _give_weights(observed: ObservedGraph) -> None:
+    """Leave the observed graph's parameters to the working copy: meta tensors of the same shape there."""
+    for gm in (observed.gm, observed._calib_gm):
+        if gm is not None:
+            release_parameters(gm)
+    observed._calib_gm = None
+
+
 def _changed_by_fold(g: ScaleGroup, input_attrs: dict[str, str]) -> set[str]:
     names = {c.weight for c in g.consumers} | {p for p in (g.producer.weight, g.producer.bias) if p}
     if g.producer.kind == "activation":
@@ -92,12 +100,17 @@ def _share_clips(ratio_of: dict[str, torch.Tensor], clip_tokens: dict[str, int])
         clip_tokens.update(tokens)
 
 
-def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: bool = True) -> AWQPlan:
+def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: bool = True,
+           take_weights: bool = False) -> AWQPlan:
     """Find the AWQ scales and clip ranges for a calibrated :class:`ObservedGraph`; returns the plan.
 
     ``config`` defaults to the one given to ``prepare``; a different one may be passed to try
     another search on the same calibration (quantizer, grid, forms, clip, propagation).
-    Neither the observed graph nor the caller's model is modified.
+    Neither the observed graph nor the caller's model is modified, except with ``take_weights``:
+    the search's working copy then takes the observed graph's parameters (there they become meta
+    tensors), so each folded weight replaces its float original instead of adding a copy -- for a
+    caller that holds no other reference to them and needs neither again (block-by-block mode).
+    With ``propagate="quant"`` the observed graph keeps them: its final fold starts from them.
     """
     cfg = config or observed.config
     if cfg.scales is None and cfg.clip is None:
@@ -110,6 +123,9 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
               and any(c.quantize and c.weight in weights for c in g.consumers)]
     device = torch.device(cfg.runtime.device or next(iter(observed.gm.parameters())).device)
     work, input_attrs = _working_copy(observed, groups, device)
+    quant_mode = cfg.scales is not None and cfg.scales.propagate == "quant"
+    if take_weights and not quant_mode:
+        _give_weights(observed)
     by_name = {n.name: n for n in work.graph.nodes}
     lin_node = {w: by_name[observed.linears[w][0]] for w in weights}
     data_node = {w: linear_op(work, n).data for w, n in lin_node.items()}  # after the input scales
@@ -117,7 +133,6 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     clip = cfg.clip
     qk = set(observed.discovery.attention_qk) if clip is not None and clip.skip_qk else set()
     clip_set = set() if clip is None else {w for w in weights if w not in qk and get_param(work, w).dim() == 2}
-    quant_mode = cfg.scales is not None and cfg.scales.propagate == "quant"
     task_weights = {w: lin_node[w] for w in weights if w in clip_set or quant_mode}
     regions = {gi: extract_region(work, g) for gi, g in enumerate(groups)}
     requires = {("scale", gi): list(r.env_nodes) for gi, r in regions.items()}

@@ -23,9 +23,9 @@ from awqfx.config import AWQConfig
 from awqfx.graph import linear_op
 from awqfx.groups import ScaleGroup
 from awqfx.observed import ObservedGraph
-from awqfx.params import along, column_scale, fake_quantize_param, get_param, rows_view
+from awqfx.params import column_scale, from_rows, get_param, rows_view
 from awqfx.passes.region import Region
-from awqfx.quant import QuantSpec, group_bounds
+from awqfx.quant import QuantSpec, fake_quantize, group_bounds
 
 __all__ = ["search_group", "candidates", "channel_x_mean", "channel_w_mean", "candidate_weight"]
 
@@ -87,16 +87,25 @@ def candidates(cfg: AWQConfig, g: ScaleGroup, x_mean: torch.Tensor, w_mean: torc
     return out
 
 
+CANDIDATE_CHUNK = 1 << 22  # weight elements quantized at a time by candidate_weight
+
+
 def candidate_weight(w: torch.Tensor, c, s_full: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``Q(W diag(s)) diag(s)^-1`` in ``w``'s dtype. ``W diag(s)`` is the weight the fold stores: the
     float64 product rounded once to ``w``'s dtype (for a float32 ``w`` that is the float32 product);
-    the quantizer works in float32."""
-    cs = along(column_scale(c.columns, s_full).to(device=w.device, dtype=torch.float32), c.in_dim, w.dim())
-    if w.dtype == torch.float32:
-        scaled = w * cs
-    else:
-        scaled = (w.double() * cs.double()).to(w.dtype)
-    return (fake_quantize_param(scaled, c.in_dim, spec).float() / cs).to(w.dtype)
+    the quantizer works in float32. Computed a slab of rows at a time (quantization groups lie
+    within a row, so the result is the same): the quantizer's temporaries are a few slabs, not a
+    few copies of the weight."""
+    rows = rows_view(w.detach(), c.in_dim)
+    flat = rows.reshape(-1, rows.shape[-1])
+    cs = column_scale(c.columns, s_full).to(device=w.device, dtype=torch.float32)
+    out = torch.empty(flat.shape, dtype=w.dtype, device=w.device)
+    step = max(1, CANDIDATE_CHUNK // max(1, flat.shape[1]))
+    for a in range(0, flat.shape[0], step):
+        blk = flat[a : a + step]
+        scaled = blk * cs if w.dtype == torch.float32 else (blk.double() * cs.double()).to(w.dtype)
+        out[a : a + step] = fake_quantize(scaled, spec).float() / cs
+    return from_rows(out.view(rows.shape), c.in_dim).contiguous()
 
 
 def single_linear(work: fx.GraphModule, reg: Region, g: ScaleGroup):
@@ -151,7 +160,8 @@ def _losses(reg: Region, g: ScaleGroup, params: dict, envs: list[dict], cands, s
         err = 0.0
         for f, r in zip(feeds, ref):
             for o, rr in zip(region_outputs(reg.gm(*f, *[p[t] for t in reg.attrs])), r):
-                err += float((o.float() - rr.float()).pow(2).sum(dtype=torch.float64))
+                d = o.float() - rr.float()
+                err += float(d.square_().sum(dtype=torch.float64))  # in place: one output-sized temporary
         losses[i] = err / max(1, numel)
     return _shared(losses)
 
