@@ -103,6 +103,10 @@ class SequentialModel:
         groups = [g for g in self.discovery.groups if any(c.quantize for c in g.consumers)]
         return ObservedGraph(self.gm, self.discovery, cfg, groups, linears, data_of)
 
+    def quantizes(self, block: Block) -> bool:
+        """Whether ``block`` holds a weight to quantize."""
+        return not set(self.discovery.quantizable).isdisjoint(block.params)
+
     def block_bytes(self, block: Block) -> int:
         """Bytes of the block's weights as computed (``compute_dtype``)."""
         return sum(get_param(self.gm, p).numel() * self.compute_dtype.itemsize for p in block.params)
@@ -399,8 +403,7 @@ def quantize_sequential(
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     device = torch.device(cfg.runtime.device or "cpu")
-    quantizable = set(sm.discovery.quantizable)
-    last_active = max((b.index for b in sm.blocks if quantizable & set(b.params)), default=-1)
+    last_active = max((b.index for b in sm.blocks if sm.quantizes(b)), default=-1)
     if last_active < 0:
         raise BlockSplitError("no block has a weight to quantize")
     if cfg.needs_calibration and calib.shape[0] < cfg.runtime.loss_samples:  # said once, not by every block's search
@@ -455,7 +458,7 @@ def _quantize_block(sm: SequentialModel, block: Block, boundary: Boundary, cfg: 
         return now
 
     t = time.perf_counter()
-    quantized = bool(set(sm.discovery.quantizable) & set(block.params))
+    quantized = sm.quantizes(block)
     block_plan = None
     if quantized or run_next:
         bgm = block_module(sm.gm, block, device)

@@ -261,10 +261,10 @@ def _quantize_blocks(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fm
                           f"computed in {sm.compute_dtype})")
     d = sm.discovery
     rep.facts["scale groups"] = f"{len(d.groups)} found, {len(d.rejected)} rejected candidates"
-    rep.facts["blocks"] = f"{len(sm.blocks)} ({sum(bool(set(b.params) & set(d.quantizable)) for b in sm.blocks)} quantized)"
+    is_quantized = [sm.quantizes(b) for b in sm.blocks]
+    rep.facts["blocks"] = f"{len(sm.blocks)} ({sum(is_quantized)} quantized)"
     refuse_unfit_format(fmt, sm.observed_view(cfg), cfg)
     sizes = [sm.block_bytes(b) for b in sm.blocks]
-    is_quantized = [bool(set(b.params) & set(d.quantizable)) for b in sm.blocks]
     last = max(i for i, q in enumerate(is_quantized) if q) if any(is_quantized) else -1
     est = budget.estimate_memory(sm.gm, samples=samples if cfg.needs_calibration else 0, seq_len=seq_len,
                                  batch_size=cfg.runtime.batch_size,
