@@ -25,12 +25,13 @@ from awqfx.capture import capture
 from awqfx.config import AWQConfig, ConfigError
 from awqfx.graph import linear_table, shallow_copy
 from awqfx.memory import release_memory
-from awqfx.observed import ObservedGraph
+from awqfx.observed import ObservedGraph, searched_groups
 from awqfx.params import get_param, move_to
 from awqfx.passes.discover import discover
 from awqfx.passes.observers import NonFiniteActivationError, insert_observers
 from awqfx.plan import AWQPlan
 from awqfx.search import search
+from awqfx.targets import Targets, apply_targets, select_targets
 
 __all__ = [
     "AWQConfig", "AWQPlan", "ObservedGraph", "prepare", "calibrate", "search", "convert", "apply_awq_pass",
@@ -54,7 +55,7 @@ def _as_graph(gm: nn.Module) -> fx.GraphModule:
     return capture(gm)
 
 
-def prepare(gm: nn.Module, config: AWQConfig | Mapping | None = None) -> ObservedGraph:
+def prepare(gm: nn.Module, config: AWQConfig | Mapping | None = None, *, targets: Targets | None = None) -> ObservedGraph:
     """Copy ``gm``, discover its scale groups and insert the observers (``gm`` is not modified).
 
     The copy has its own graph and module containers; its tensors are the caller's, shared
@@ -64,15 +65,23 @@ def prepare(gm: nn.Module, config: AWQConfig | Mapping | None = None) -> Observe
     ``gm``: a captured GraphModule (``awqfx.capture``); an ``nn.Module`` is captured first.
     Raises :class:`~awqfx.config.ConfigError` (a ``ValueError``) when the config does not fit the
     model (e.g. a group size larger than a layer's input features) before any calibration work.
+
+    The config's targets (ignore / only / extra_groups / exclude_groups, :mod:`awqfx.targets`) are
+    resolved on ``gm`` and declared groups checked on random inputs; ``targets``: the targets
+    already resolved on the whole graph when ``gm`` is one block of it (block-by-block mode).
     """
     cfg = _config(config)
     t0 = time.perf_counter()
     work = shallow_copy(_as_graph(gm))
     disc = discover(work, quantize_head=cfg.quantize_head)
-    groups = [g for g in disc.groups if any(c.quantize for c in g.consumers)]  # others keep s = 1
+    if targets is None:
+        disc, _ = select_targets(work, disc, cfg)
+    else:
+        disc = apply_targets(work, disc, targets)
+    groups, dropped = searched_groups(disc, cfg)
     linears, data_of = linear_table(work)
     means, samples = insert_observers(work, groups, cfg.runtime.loss_samples if cfg.needs_calibration else 0)
-    observed = ObservedGraph(work, disc, cfg, groups, linears, data_of, means, samples)
+    observed = ObservedGraph(work, disc, cfg, groups, linears, data_of, means, samples, dropped=dropped)
     spec = cfg.spec
     for w in disc.quantizable:
         if not bool(torch.isfinite(get_param(work, w)).all()):

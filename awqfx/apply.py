@@ -11,8 +11,11 @@ A plan (plain data keyed by parameter FQN, :mod:`awqfx.plan`) applies the same w
   weights are fake-quantized or the linears swapped for packed ``QuantLinear`` modules.
 
 ``weights``: ``"fake"`` (quantize -> dequantize, float weights), ``"packed"`` (integer codes and
-the int4 kernels) or ``"float"`` (fold only: e.g. to read integers with
-:meth:`AWQPlan.quantized_weight`). Under ``"packed"``, 3-D MoE expert weights of a module tree
+the int4 kernels), ``"float"`` (fold only: e.g. to read integers with
+:meth:`AWQPlan.quantized_weight`) or ``"smoothed"`` (fold, then clamp each planned weight per
+(row, group) to its clip range without quantizing it: the float model that round-to-nearest
+at the plan's bits and group size turns into the plan's integers; written by
+:mod:`awqfx.formats.smoothed`). Under ``"packed"``, 3-D MoE expert weights of a module tree
 become :class:`~awqfx.packed_experts.PackedExperts`; a graph reads them as parameters, so there
 they stay fake-quantized floats.
 """
@@ -27,7 +30,7 @@ import torch.nn as nn
 
 from awqfx.packed_experts import pack_experts
 from awqfx.packed_model import pack_model
-from awqfx.params import fold_parameters, full_scale, get_param, has_param
+from awqfx.params import clamp_param, fold_parameters, full_scale, get_param, has_param, set_param
 from awqfx.passes.fold import fold_scales
 from awqfx.passes.observers import remove_observers
 from awqfx.passes.pack_linears import pack_linears
@@ -36,7 +39,7 @@ from awqfx.plan import AWQPlan
 
 __all__ = ["apply_plan", "InputScale", "deepcopy_module", "WEIGHT_MODES"]
 
-WEIGHT_MODES = ("fake", "packed", "float")
+WEIGHT_MODES = ("fake", "packed", "float", "smoothed")
 
 
 class InputScale:
@@ -107,6 +110,9 @@ def apply_plan(target: nn.Module, plan: AWQPlan, weights: str = "fake", inplace:
         _fold_module_tree(out, plan)
     if weights == "fake":
         quantize_linears(out, plan.weights)
+    elif weights == "smoothed":
+        for name, wp in plan.weights.items():
+            set_param(out, name, clamp_param(get_param(out, name), wp.in_dim, wp.spec, wp.max_val, wp.min_val))
     elif weights == "packed":
         flat = {n: wp for n, wp in plan.weights.items() if get_param(out, n).dim() == 2}
         experts = {n: wp for n, wp in plan.weights.items() if n not in flat}

@@ -13,6 +13,8 @@ names the CLI flags use (``FLAT_FIELDS``).
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -20,7 +22,7 @@ import torch
 
 from awqfx.quant import QuantSpec
 
-__all__ = ["AWQConfig", "ScaleSearch", "ClipSearch", "Runtime", "FLAT_FIELDS", "ConfigError"]
+__all__ = ["AWQConfig", "ScaleSearch", "ClipSearch", "Runtime", "GroupSpec", "FLAT_FIELDS", "ConfigError"]
 
 _SCALE_FORMS = ("x", "duo", "both")
 _CLIPS = ("asym", "minmax", "sym")
@@ -72,18 +74,23 @@ class ScaleSearch:
     grids, best loss wins). include_identity: also try s = 1 (plain RTN), so the search never
     picks scales worse than RTN on its own loss. propagate: ``"fp"`` (each group sees the float
     outputs of earlier groups, like the reference) or ``"quant"`` (the already-quantized ones).
+    drop_unfoldable: leave unscaled (s = 1) every group whose scale no parameter can absorb (an
+    activation producer, GELU -> fc2: its ``1/s`` needs an inserted scale node), for outputs
+    that cannot hold such a node (``--drop-unfoldable``; ``ObservedGraph.dropped`` lists them).
     """
 
     n_grid: int = 20
     form: str = "x"
     include_identity: bool = True
     propagate: str = "fp"
+    drop_unfoldable: bool = False
 
     def __post_init__(self) -> None:
         _need_int("ScaleSearch", "n_grid", self.n_grid, 1)
         _need_choice("ScaleSearch", "form", self.form, _SCALE_FORMS)
         _need_bool("ScaleSearch", "include_identity", self.include_identity)
         _need_choice("ScaleSearch", "propagate", self.propagate, _PROPAGATE)
+        _need_bool("ScaleSearch", "drop_unfoldable", self.drop_unfoldable)
 
 
 @dataclass(frozen=True)
@@ -156,11 +163,72 @@ class Runtime:
                 raise ValueError(f"Runtime.{name} must be None, 'auto', 'bfloat16' or 'float16', got {v!r}")
 
 
+@dataclass(frozen=True)
+class GroupSpec:
+    """A scale group declared by name (``AWQConfig.extra_groups``, ``--group``): a producer (a norm or a
+    linear, by module or parameter name) and the linears that read its channels.
+
+    ``GroupSpec.parse("model.layers.0.post_attention_layernorm:model.layers.0.mlp.gate_proj,model.layers.0.mlp.up_proj")``.
+    Whether it is a real equivalence is checked on the model (:mod:`awqfx.targets`).
+    """
+
+    producer: str
+    consumers: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        consumers = (self.consumers,) if isinstance(self.consumers, str) else tuple(self.consumers)
+        object.__setattr__(self, "consumers", consumers)
+        names = (self.producer, *consumers)
+        if not consumers or not all(isinstance(n, str) and n and not set(n) & {":", ",", " "} for n in names):
+            raise ValueError(f"a declared scale group is PRODUCER:CONSUMER[,CONSUMER...] with module or parameter "
+                             f"names, got producer {self.producer!r} and consumers {list(consumers)!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> "GroupSpec":
+        """``"PRODUCER:CONSUMER[,CONSUMER...]"`` (the ``--group`` flag's form)."""
+        producer, sep, rest = str(text).partition(":")
+        if not sep:
+            raise ValueError(f"declared scale group {text!r}: expected PRODUCER:CONSUMER[,CONSUMER...], e.g. "
+                             "model.layers.0.post_attention_layernorm:model.layers.0.mlp.gate_proj,model.layers.0.mlp.up_proj")
+        return cls(producer.strip(), tuple(c.strip() for c in rest.split(",")))
+
+    @classmethod
+    def of(cls, v: Any) -> "GroupSpec":
+        """A GroupSpec from itself, its ``"P:C,C"`` text, a ``{"producer", "consumers"}`` dict or a pair."""
+        if isinstance(v, GroupSpec):
+            return v
+        if isinstance(v, str):
+            return cls.parse(v)
+        if isinstance(v, dict) and set(v) == {"producer", "consumers"}:
+            return cls(v["producer"], v["consumers"])
+        if isinstance(v, (list, tuple)) and len(v) == 2:
+            return cls(v[0], v[1])
+        raise ValueError(f"AWQConfig.extra_groups entries must be GroupSpec, 'PRODUCER:CONSUMER,...' or "
+                         f"(producer, [consumers]), got {v!r}")
+
+    def __str__(self) -> str:
+        return f"{self.producer}:{','.join(self.consumers)}"
+
+
+def _need_patterns(name: str, v: Any) -> tuple[str, ...]:
+    """``v`` as a tuple of regular expressions (one string is one pattern), each compiled once to check it."""
+    items = (v,) if isinstance(v, str) else v
+    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) and p for p in items):
+        raise ValueError(f"AWQConfig.{name} must be a list of regular expressions, got {v!r}")
+    for p in items:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"AWQConfig.{name}: {p!r} is not a valid regular expression ({e})") from None
+    return tuple(items)
+
+
 #: flat name (CLI flag) -> (part, field)
 FLAT_FIELDS: dict[str, tuple[str, str]] = {
     "bits": ("weights", "bits"), "group_size": ("weights", "group_size"), "symmetric": ("weights", "symmetric"),
+    "scheme": ("weights", "scheme"),
     "n_grid": ("scales", "n_grid"), "scale_form": ("scales", "form"), "include_identity": ("scales", "include_identity"),
-    "propagate": ("scales", "propagate"),
+    "propagate": ("scales", "propagate"), "drop_unfoldable": ("scales", "drop_unfoldable"),
     "clip": ("clip", "mode"), "clip_grid": ("clip", "grid"), "clip_rounds": ("clip", "rounds"),
     "max_shrink": ("clip", "max_shrink"), "clip_skip_qk": ("clip", "skip_qk"), "clip_tokens": ("clip", "tokens"),
     "device": ("runtime", "device"), "batch_size": ("runtime", "batch_size"), "loss_samples": ("runtime", "loss_samples"),
@@ -176,6 +244,12 @@ class AWQConfig:
     group is fine; symmetric False: integer zero point, the AWQ default). scales / clip: the
     searches, or None to skip one (both None: round-to-nearest). runtime: device, batch size,
     loss sample, autocast. quantize_head: also quantize the LM head (off, as in every reference).
+
+    Targets (:mod:`awqfx.targets`; docs/design.md, "Targets"): ignore / only: regular expressions
+    (``re.search``) over linear weight and module names; a match of ``ignore`` stays float, and
+    with ``only`` set, only matches are quantized. extra_groups: scale groups declared by name
+    (:class:`GroupSpec`), checked to be exact equivalences on the model; exclude_groups: patterns
+    over the discovered groups' producers dropping those groups (their scale stays 1).
     """
 
     weights: QuantSpec = field(default_factory=QuantSpec)
@@ -183,6 +257,10 @@ class AWQConfig:
     clip: ClipSearch | None = field(default_factory=ClipSearch)
     runtime: Runtime = field(default_factory=Runtime)
     quantize_head: bool = False
+    ignore: tuple[str, ...] = ()
+    only: tuple[str, ...] = ()
+    extra_groups: tuple[GroupSpec, ...] = ()
+    exclude_groups: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, cls, optional in (("weights", QuantSpec, False), ("scales", ScaleSearch, True),
@@ -192,6 +270,12 @@ class AWQConfig:
                 raise ValueError(f"AWQConfig.{name} must be a {cls.__name__}{' or None' if optional else ''}, "
                                  f"got {type(v).__name__}")
         _need_bool("AWQConfig", "quantize_head", self.quantize_head)
+        for name in ("ignore", "only", "exclude_groups"):
+            object.__setattr__(self, name, _need_patterns(name, getattr(self, name)))
+        groups = self.extra_groups
+        if isinstance(groups, (str, GroupSpec, dict)) or not isinstance(groups, (list, tuple)):
+            groups = (groups,)
+        object.__setattr__(self, "extra_groups", tuple(GroupSpec.of(g) for g in groups))
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -200,9 +284,11 @@ class AWQConfig:
         return cls(weights=weights or QuantSpec(), scales=None, clip=None, **parts)
 
     @classmethod
-    def of(cls, method: str = "awq", clip: str = "minmax", quantize_head: bool = False, **flat: Any) -> "AWQConfig":
+    def of(cls, method: str = "awq", clip: str = "minmax", quantize_head: bool = False, ignore: Any = (),
+           only: Any = (), extra_groups: Any = (), exclude_groups: Any = (), **flat: Any) -> "AWQConfig":
         """A config from flat names (``FLAT_FIELDS``, as the CLI flags spell them): ``method`` is
-        ``"awq"`` or ``"rtn"`` (no searches); ``clip="none"`` skips the clip search."""
+        ``"awq"`` or ``"rtn"`` (no searches); ``clip="none"`` skips the clip search; the target
+        fields (``ignore``, ``only``, ``extra_groups``, ``exclude_groups``) as in the class."""
         if method not in ("awq", "rtn"):
             raise ValueError(f"method must be 'awq' or 'rtn', got {method!r}")
         unknown = sorted(set(flat) - set(FLAT_FIELDS))
@@ -218,7 +304,8 @@ class AWQConfig:
         return cls(weights=QuantSpec(**parts["weights"]),
                    scales=ScaleSearch(**parts["scales"]) if searched else None,
                    clip=ClipSearch(**parts["clip"]) if searched and clip != "none" else None,
-                   runtime=Runtime(**parts["runtime"]), quantize_head=quantize_head)
+                   runtime=Runtime(**parts["runtime"]), quantize_head=quantize_head, ignore=ignore, only=only,
+                   extra_groups=extra_groups, exclude_groups=exclude_groups)
 
     def with_(self, **flat: Any) -> "AWQConfig":
         """A copy with some flat fields changed (``method``/``clip`` as in :meth:`of`)."""
@@ -242,12 +329,17 @@ class AWQConfig:
     def flat(self) -> dict[str, Any]:
         """The flat names of :meth:`of` (inverse of it)."""
         out: dict[str, Any] = {"method": self.method, "quantize_head": self.quantize_head,
-                               "clip": self.clip.mode if self.clip else "none"}
+                               "clip": self.clip.mode if self.clip else "none", **self.selection()}
         for k, (part, name) in FLAT_FIELDS.items():
             obj = getattr(self, part)
             if obj is not None and k != "clip":
                 out[k] = getattr(obj, name)
         return out
+
+    def selection(self) -> dict[str, tuple]:
+        """The target fields: what is quantized and which groups are scaled (:mod:`awqfx.targets`)."""
+        return {"ignore": self.ignore, "only": self.only, "extra_groups": self.extra_groups,
+                "exclude_groups": self.exclude_groups}
 
     def autocast(self, stage: str, device, model_dtype=None):
         """``torch.autocast`` context for ``stage`` ("calib" or "search"), or a null context."""
@@ -269,19 +361,22 @@ class AWQConfig:
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON data (tuples as lists), equal to what a saved plan's JSON reads back."""
+        return json.loads(json.dumps(asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AWQConfig":
         """From :meth:`to_dict`, or from the flat dict older plans stored."""
         if "weights" not in d:
-            known = set(FLAT_FIELDS) | {"method", "clip", "quantize_head"}
+            known = set(FLAT_FIELDS) | {"method", "clip", "quantize_head", "ignore", "only", "extra_groups",
+                                        "exclude_groups"}
             return cls.of(**{k: v for k, v in d.items() if k in known})
         parts = {"weights": QuantSpec, "scales": ScaleSearch, "clip": ClipSearch, "runtime": Runtime}
         kw = {}
         for name, part in parts.items():
             v = d.get(name)
             kw[name] = None if v is None else part(**{f.name: v[f.name] for f in fields(part) if f.name in v})
-        return cls(**kw, quantize_head=bool(d.get("quantize_head", False)))
+        targets = {k: tuple(d[k]) for k in ("ignore", "only", "extra_groups", "exclude_groups") if d.get(k)}
+        return cls(**kw, quantize_head=bool(d.get("quantize_head", False)), **targets)
 
 

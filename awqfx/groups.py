@@ -84,6 +84,17 @@ class ScaleGroup:
     def name(self) -> str:
         return self.producer.label
 
+    @property
+    def foldable(self) -> bool:
+        """Whether parameters absorb the whole transform: every producer but an activation, whose
+        ``1/s`` needs an inserted scale node (a ``mul`` in the graph, a pre-hook on the consumers)."""
+        return self.producer.kind != "activation"
+
+    @property
+    def site(self) -> str:
+        """The group as a user reads it: ``producer module -> consumer weights``."""
+        return f"{self.producer.path or self.name} -> {', '.join(c.weight for c in self.consumers)}"
+
     def to_json(self) -> dict[str, Any]:
         ch = self.channels.tolist()
         return {

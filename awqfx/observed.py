@@ -10,7 +10,7 @@ import torch.fx as fx
 from awqfx.groups import Discovery, ScaleGroup
 from awqfx.passes.observers import MeanAbsObserver, SampleObserver
 
-__all__ = ["ObservedGraph"]
+__all__ = ["ObservedGraph", "searched_groups"]
 
 
 @dataclass
@@ -19,7 +19,8 @@ class ObservedGraph:
 
     ``gm`` stays runnable (``input_ids -> logits``); calling it also feeds the observers, so a
     user may calibrate with their own loop instead of :func:`awqfx.calibrate`.
-    ``groups``: the groups the search will scale (at least one consumer is quantized).
+    ``groups``: the groups the search will scale (:func:`searched_groups`); ``dropped``: the
+    unfoldable groups left unscaled because the config drops them (``drop_unfoldable``).
     ``linears``: every linear-like weight -> (its first linear node, that node's activation
     input node, in_dim); ``data_of``: every linear-like node -> its activation input node.
     """
@@ -35,6 +36,7 @@ class ObservedGraph:
     timings: dict[str, float] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=lambda: {"batches": 0, "sequences": 0, "tokens": 0})
     _calib_gm: fx.GraphModule | None = None
+    dropped: list[ScaleGroup] = field(default_factory=list)
 
     def x_mean(self, node: str) -> torch.Tensor:
         """Per-channel ``mean |x|`` of activation node ``node`` over all calibration tokens."""
@@ -47,3 +49,14 @@ class ObservedGraph:
     def unbatched_inputs(self) -> set[str]:
         """Graph inputs without a batch dim (the same value for every batch; see ``SampleObserver``)."""
         return {name for name, obs in self.sample_observers.items() if not obs.batched}
+
+
+def searched_groups(discovery: Discovery, config: Any) -> tuple[list[ScaleGroup], list[ScaleGroup]]:
+    """``(groups, dropped)``: the discovered groups the search scales (at least one consumer is
+    quantized; the others keep s = 1) and those ``config.scales.drop_unfoldable`` leaves out (the
+    ones that are not :attr:`~awqfx.groups.ScaleGroup.foldable`)."""
+    groups = [g for g in discovery.groups if any(c.quantize for c in g.consumers)]
+    scales = getattr(config, "scales", None)
+    if scales is None or not scales.drop_unfoldable:
+        return groups, []
+    return [g for g in groups if g.foldable], [g for g in groups if not g.foldable]

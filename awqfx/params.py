@@ -11,11 +11,12 @@ import torch.nn as nn
 
 from awqfx.graph import fetch_attr
 from awqfx.groups import ScaleGroup
-from awqfx.quant import QuantSpec, fake_quantize
+from awqfx.quant import QuantSpec, clamp_to_range, fake_quantize
 
 __all__ = [
     "fetch_attr", "get_param", "set_param", "has_param", "move_to", "release_parameters", "full_scale",
     "column_scale", "along", "fold_parameters", "input_scales_of", "rows_view", "from_rows", "fake_quantize_param",
+    "clamp_param",
 ]
 
 
@@ -165,3 +166,16 @@ def fake_quantize_param(w: torch.Tensor, in_dim: int, spec: QuantSpec, max_val: 
     mn = None if min_val is None else min_val.to(dev)
     q = fake_quantize(rows, spec, max_val=mx, min_val=mn)
     return from_rows(q, in_dim).contiguous()
+
+
+def clamp_param(w: torch.Tensor, in_dim: int, spec: QuantSpec, max_val: torch.Tensor | None = None,
+                min_val: torch.Tensor | None = None) -> torch.Tensor:
+    """``w`` clamped per (row, group) to its clip range (groups along ``in_dim``, range in the rows
+    view as for :func:`fake_quantize_param`), not quantized; same shape/dtype as ``w``."""
+    if max_val is None and min_val is None:
+        return w.detach()
+    rows = rows_view(w.detach(), in_dim)
+    dev = rows.device
+    out = clamp_to_range(rows, spec, None if max_val is None else max_val.to(dev),
+                         None if min_val is None else min_val.to(dev))
+    return from_rows(out, in_dim).contiguous()

@@ -126,7 +126,8 @@ class AWQPlan:
         weights = {}
         for name, wp in self.weights.items():
             entry = {"bits": wp.spec.bits, "group_size": wp.spec.group_size, "symmetric": wp.spec.symmetric,
-                     "in_dim": wp.in_dim, "clip": wp.max_val is not None, "info": _jsonable(wp.info)}
+                     "scheme": wp.spec.scheme, "in_dim": wp.in_dim, "clip": wp.max_val is not None,
+                     "info": _jsonable(wp.info)}
             if wp.max_val is not None:
                 tensors[f"weight.{name}.max_val"] = wp.max_val.detach().float().cpu().contiguous()
                 tensors[f"weight.{name}.min_val"] = wp.min_val.detach().float().cpu().contiguous()
@@ -155,7 +156,7 @@ class AWQPlan:
             groups.append(GroupPlan(g, tensors[f"group.{i}.scale"], gd.get("info", {})))
         weights = {}
         for name, wd in doc["weights"].items():
-            spec = QuantSpec(int(wd["bits"]), int(wd["group_size"]), bool(wd["symmetric"]))
+            spec = QuantSpec(int(wd["bits"]), int(wd["group_size"]), bool(wd["symmetric"]), wd.get("scheme", "int"))
             mx = tensors.get(f"weight.{name}.max_val") if wd.get("clip") else None
             mn = tensors.get(f"weight.{name}.min_val") if wd.get("clip") else None
             weights[name] = WeightPlan(spec, int(wd["in_dim"]), mx, mn, wd.get("info", {}))

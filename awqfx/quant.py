@@ -3,7 +3,9 @@
 This module is the single source of truth for how a float weight becomes
 integers and back. Everything else (the AWQ scale/clip search, the quantized
 modules, the exporters in :mod:`awqfx.formats`) calls into it, so the search
-optimises exactly the numbers that end up on disk.
+optimises exactly the numbers that end up on disk. A spec whose ``scheme`` is a
+GGUF block type fake-quantizes with llama.cpp's quantizer instead
+(:mod:`awqfx.gguf_blocks`); it has no integer zero-point form.
 
 Conventions
 -----------
@@ -37,6 +39,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from awqfx import gguf_blocks
+from awqfx.gguf_blocks import BLOCK_SIZE, GGUF_TYPES, block_type
+
 __all__ = [
     "QuantSpec",
     "QuantizedWeight",
@@ -46,6 +51,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "fake_quantize",
+    "clamp_to_range",
     "quantize_weight",
     "SCALE_EPS",
 ]
@@ -65,6 +71,10 @@ class QuantSpec:
                  -1 means the whole row (per-output-channel).
     symmetric:   if True, zero is fixed at 2^(bits-1) and the scale comes from
                  max |w|; otherwise (AWQ default) scale/zero come from min/max.
+    scheme:      ``"int"`` (default): the integer grid of this module. Or a GGUF block
+                 type, ``"q4_0"``, ``"q4_1"`` or ``"q8_0"`` (:mod:`awqfx.gguf_blocks`): the
+                 quantizer is then llama.cpp's for that type, and bits / group_size /
+                 symmetric must be the type's own (:meth:`gguf` builds such a spec).
 
     The spec is validated on construction (bits and group_size on their own);
     :meth:`validate` with ``in_features`` also checks it against a layer.
@@ -73,9 +83,21 @@ class QuantSpec:
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
+    scheme: str = "int"
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @classmethod
+    def gguf(cls, type_name: str) -> QuantSpec:
+        """The spec of GGUF block type ``type_name`` (``"q4_0"``, ``"q4_1"``, ``"q8_0"``)."""
+        t = block_type(type_name)
+        return cls(bits=t.bits, group_size=BLOCK_SIZE, symmetric=t.symmetric, scheme=t.name)
+
+    @property
+    def is_gguf(self) -> bool:
+        """Whether the quantizer is a GGUF block type rather than the integer grid."""
+        return self.scheme != "int"
 
     def validate(self, in_features: int | None = None) -> None:
         """Raise ``ValueError`` if the spec is unusable (for a layer with ``in_features``)."""
@@ -86,6 +108,8 @@ class QuantSpec:
             raise ValueError(
                 f"group_size must be a positive integer or -1 (one group per output row), got {g!r}."
             )
+        if self.scheme != "int":
+            self._validate_gguf(in_features)
         if in_features is not None:
             if in_features <= 0:
                 raise ValueError(f"in_features must be positive, got {in_features}.")
@@ -94,6 +118,26 @@ class QuantSpec:
                     f"group_size {g} is larger than in_features {in_features}; "
                     "use group_size=-1 for one group per row."
                 )
+
+    def _validate_gguf(self, in_features: int | None) -> None:
+        if self.scheme not in GGUF_TYPES:
+            raise ValueError(f"scheme must be 'int' or a GGUF type ({', '.join(GGUF_TYPES)}), got {self.scheme!r}.")
+        t = GGUF_TYPES[self.scheme]
+        if (self.bits, self.group_size, self.symmetric) != (t.bits, BLOCK_SIZE, t.symmetric):
+            raise ValueError(
+                f"GGUF {self.scheme} has bits={t.bits}, group_size={BLOCK_SIZE}, symmetric={t.symmetric}; got "
+                f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric} "
+                f"(QuantSpec.gguf({self.scheme!r}) builds the spec)."
+            )
+        if in_features is not None and in_features % BLOCK_SIZE:
+            raise ValueError(f"GGUF {self.scheme} quantizes blocks of {BLOCK_SIZE} inputs; in_features {in_features} "
+                             f"is not a multiple of {BLOCK_SIZE}.")
+
+    def require_int(self, what: str) -> None:
+        """Raise ``ValueError`` for a GGUF scheme: ``what`` needs the integer grid's scale and zero point."""
+        if self.scheme != "int":
+            raise ValueError(f"{what} needs the integer quantizer; GGUF {self.scheme} blocks have no integer zero "
+                             "point form and are written by awqfx.formats.gguf (--format gguf).")
 
     @property
     def qmax(self) -> int:
@@ -208,6 +252,7 @@ def compute_qparams(
     """
     in_features = w.shape[-1]
     spec.validate(in_features)
+    spec.require_int("compute_qparams")
     w2 = _as_rows(w)
     _check_finite(w2)
     rows = w2.shape[0]
@@ -257,6 +302,7 @@ def quantize(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
     """
     in_features = w.shape[-1]
     spec.validate(in_features)
+    spec.require_int("quantize")
     w2 = _as_rows(w)
     rows = w2.shape[0]
     n_groups = num_groups(in_features, spec.group_size)
@@ -274,6 +320,7 @@ def dequantize(q: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tenso
     float32 multiply: every consumer that computes ``(q - zero) * scale`` in
     float32 (e.g. compressed-tensors' decompressor) gets bit-identical values.
     """
+    spec.require_int("dequantize")
     in_features = q.shape[-1]
     q2 = q.reshape(-1, in_features).to(torch.float32)
     rows = q2.shape[0]
@@ -291,7 +338,14 @@ def fake_quantize(w: Tensor, spec: QuantSpec, max_val: Tensor | None = None, min
     This is what the AWQ search evaluates thousands of times, so it fuses the
     two steps per group block without materialising uint8 ``q``. The result is
     bit-identical to ``dequantize(quantize(w, ...), ...)`` (then cast to w's dtype).
+
+    A GGUF ``spec.scheme`` quantizes with that block type instead
+    (:func:`awqfx.gguf_blocks.fake_quantize`: ``max_val``/``min_val`` clamp the weight first).
     """
+    if spec.scheme != "int":
+        spec.validate(w.shape[-1])
+        _check_finite(_as_rows(w))
+        return gguf_blocks.fake_quantize(w, spec.scheme, max_val=max_val, min_val=min_val)
     scale, zero = compute_qparams(w, spec, max_val=max_val, min_val=min_val)
     in_features = w.shape[-1]
     w2 = _as_rows(w)
@@ -305,6 +359,31 @@ def fake_quantize(w: Tensor, spec: QuantSpec, max_val: Tensor | None = None, min
         return (_q_block(x, s_, z_, qmax) - z_) * s_
 
     out = _map_groups(w2, spec.effective_group_size(in_features), qdq, s, z)
+    return out.reshape(w.shape).to(w.dtype)
+
+
+def clamp_to_range(w: Tensor, spec: QuantSpec, max_val: Tensor | None = None,
+                   min_val: Tensor | None = None) -> Tensor:
+    """``w`` with each group's values clamped to ``[min_val, max_val]`` (``[..., out, n_groups]``,
+    either may be None: that side is left as is), not quantized; returns ``w``'s dtype and shape.
+
+    Where the range lies inside the group's own ``[min, max]`` (every range the clip search
+    finds, except on the zero side of a group whose weights all share one sign), the clamped
+    group's min/max *are* the range, so :func:`compute_qparams` of the clamped weight returns the
+    qparams the range gives the unclamped one. The bounds are float32; in a half-precision ``w``
+    a clamped value is the bound rounded to that dtype.
+    """
+    if max_val is None and min_val is None:
+        return w
+    in_features = w.shape[-1]
+    spec.validate(in_features)
+    w2 = _as_rows(w)
+    rows = w2.shape[0]
+    n_groups = num_groups(in_features, spec.group_size)
+    inf = torch.full((rows, n_groups), float("inf"), device=w2.device)
+    hi = inf if max_val is None else _param_rows(max_val, rows, n_groups, "max_val").to(w2.device)
+    lo = -inf if min_val is None else _param_rows(min_val, rows, n_groups, "min_val").to(w2.device)
+    out = _map_groups(w2, spec.effective_group_size(in_features), lambda x, hi_, lo_: torch.clamp(x, lo_, hi_), hi, lo)
     return out.reshape(w.shape).to(w.dtype)
 
 

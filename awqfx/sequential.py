@@ -42,8 +42,8 @@ from awqfx.apply import apply_plan
 from awqfx.calibrate import loss_sample_order
 from awqfx.capture import capture
 from awqfx.checkpoint import Checkpoint
-from awqfx.config import AWQConfig, fast_half_matmul
-from awqfx.formats import FormatError, format_module
+from awqfx.config import AWQConfig, ConfigError, fast_half_matmul
+from awqfx.formats import FormatError, format_module, weights_mode
 from awqfx.formats.common import (
     alias_groups, build_skeleton, checkpoint_dir, config_dict, dedupe_state, unquantized_linears, write_extras,
 )
@@ -52,12 +52,13 @@ from awqfx.graph import linear_table
 from awqfx.groups import Discovery
 from awqfx.memory import map_large_allocations, peak_rss_mb, release_memory
 from awqfx.modules import QuantLinear
-from awqfx.observed import ObservedGraph
+from awqfx.observed import ObservedGraph, searched_groups
 from awqfx.packed_model import packed_modules, parent_map
 from awqfx.params import get_param, release_parameters, set_param
 from awqfx.passes.blocks import Block, BlockSplitError, block_module, split_blocks
 from awqfx.passes.discover import discover
 from awqfx.plan import AWQPlan
+from awqfx.targets import Targets, TargetError, apply_targets, check_equivalence, declared_groups, resolve_targets
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,11 @@ __all__ = ["SequentialModel", "BlockRecord", "open_sequential", "quantize_sequen
 
 OUTPUT_SHARD_BYTES = 16 * 2**20  # a shard is written after the block that fills this much (blocks are never split
 # across shards below the usual 2 GiB); kept small: what is buffered is held through the next block's search
+#: Checkpoints from this size on serve large allocations from their own mappings
+#: (:func:`~awqfx.memory.map_large_allocations`): on the TinyLlama shape (2.2 GB) that lowers the peak
+#: by ~70 MB; on the 270 MB SmolLM2 it cost 20x the page faults of the whole-graph run and about twice
+#: its CPU time (docs/results.md, "Real-size models"), where the peak is small anyway.
+MAP_ALLOCATIONS_FROM_BYTES = 2**30
 
 
 @dataclass
@@ -85,7 +91,9 @@ class BlockRecord:
 @dataclass
 class SequentialModel:
     """A checkpoint opened for block-by-block work: the meta skeleton it is written from (in the
-    output ``dtype``), the graph it is computed with (in ``compute_dtype``), discovery, blocks."""
+    output ``dtype``), the graph it is computed with (in ``compute_dtype``), discovery, blocks.
+    ``targets``: what is quantized and scaled (:mod:`awqfx.targets`), decided on the whole graph;
+    ``discovery`` has them applied and every block follows them."""
 
     path: Path
     checkpoint: Checkpoint
@@ -96,12 +104,13 @@ class SequentialModel:
     dtype: torch.dtype
     compute_dtype: torch.dtype
     aliases: dict[str, list[str]]
+    targets: Targets | None = None
 
     def observed_view(self, cfg: AWQConfig) -> ObservedGraph:
         """The whole graph as ``prepare`` would see it, without observers (for the format checks)."""
         linears, data_of = linear_table(self.gm)
-        groups = [g for g in self.discovery.groups if any(c.quantize for c in g.consumers)]
-        return ObservedGraph(self.gm, self.discovery, cfg, groups, linears, data_of)
+        groups, dropped = searched_groups(self.discovery, cfg)
+        return ObservedGraph(self.gm, self.discovery, cfg, groups, linears, data_of, dropped=dropped)
 
     def quantizes(self, block: Block) -> bool:
         """Whether ``block`` holds a weight to quantize."""
@@ -121,32 +130,37 @@ def compute_dtype_for(dtype: torch.dtype, device: str | torch.device | None) -> 
 
 
 def open_sequential(path: str | os.PathLike, dtype: torch.dtype | None = None, quantize_head: bool = False,
-                    device: str | torch.device | None = None) -> SequentialModel:
+                    device: str | torch.device | None = None, config: AWQConfig | None = None) -> SequentialModel:
     """Index ``path``'s safetensors, build and capture the model on ``meta``, discover and split it.
 
     ``dtype``: the output dtype of everything unquantized (default: the checkpoint's). Blocks are
     computed in that dtype where ``device`` has fast matmuls for it, else in float32, one block
     at a time (:func:`compute_dtype_for`). Raises :class:`~awqfx.checkpoint.CheckpointError` when
     tensors are missing or mis-shaped and :class:`~awqfx.passes.blocks.BlockSplitError` when the
-    graph cannot be cut, before any work.
+    graph cannot be cut, before any work. ``config``: the config whose targets (ignore, only,
+    extra_groups, exclude_groups) the blocks follow, resolved here (:class:`~awqfx.targets.TargetError`
+    before any work); its declared groups are checked numerically when their block is quantized.
     """
-    map_large_allocations()  # from here on, freed block tensors leave the process instead of the heap
     path = Path(path)
     ckpt = Checkpoint(path)
+    if ckpt.nbytes() >= MAP_ALLOCATIONS_FROM_BYTES:
+        map_large_allocations()  # from here on, freed block tensors leave the process instead of the heap
     dtype = dtype or ckpt.dtype() or torch.float32
     compute = compute_dtype_for(dtype, device)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    skeleton = build_skeleton(config, dtype).eval()
+    model_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    skeleton = build_skeleton(model_config, dtype).eval()
     aliases = {n: names for names in alias_groups(skeleton) for n in names}
     expected = {}
     for name, p in skeleton.named_parameters():  # one name per tied group: any of its names will do
         names = aliases.get(name, [name])
         expected[next((n for n in names if n in ckpt.entries), name)] = tuple(p.shape)
     ckpt.check(expected)
-    gm = capture(skeleton if compute == dtype else build_skeleton(config, compute).eval())
+    gm = capture(skeleton if compute == dtype else build_skeleton(model_config, compute).eval())
     disc = discover(gm, quantize_head=quantize_head)
+    targets = resolve_targets(gm, disc, config or AWQConfig())
+    disc = apply_targets(gm, disc, targets)
     blocks = split_blocks(gm, disc.groups)
-    return SequentialModel(path, ckpt, skeleton, gm, disc, blocks, dtype, compute, aliases)
+    return SequentialModel(path, ckpt, skeleton, gm, disc, blocks, dtype, compute, aliases, targets)
 
 
 # --------------------------------------------------------------------------------- boundary
@@ -252,6 +266,23 @@ def _check_groups(sm: SequentialModel, block: Block, observed: ObservedGraph) ->
                               f"groups {found}, on the whole graph {expected}; quantize without --sequential")
 
 
+def _check_declared(sm: SequentialModel, block: Block, bgm: fx.GraphModule, observed: ObservedGraph,
+                    boundary: Boundary, device: torch.device) -> None:
+    """The declared scale groups in ``block`` must be equivalences (:func:`awqfx.targets.check_equivalence`),
+    checked on the block's float weights and its first calibration batch at the boundary (the
+    whole model is never in memory to run on random inputs)."""
+    groups = declared_groups(observed.discovery, sm.targets)
+    if not groups:
+        return
+    values = next((v for i in range(boundary.n) if (v := boundary.get(i)) is not None), None)
+    if values is None:  # distributed: the other ranks hold batches and check it
+        log.warning("block %d: this rank holds no calibration batch to check its declared scale groups on",
+                    block.index)
+        return
+    args = tuple(values[n].to(device) if isinstance(values[n], torch.Tensor) else values[n] for n in block.inputs)
+    check_equivalence(bgm, groups, args, observed.discovery.rejected)
+
+
 def _run(bgm: fx.GraphModule, boundary: Boundary, block: Block, keep: set[str], device: torch.device) -> None:
     """Replace each held batch's boundary values by the block's outputs (and the inputs still needed later)."""
     with torch.no_grad():
@@ -330,10 +361,12 @@ def _merge_config(a: dict | None, b: dict) -> dict:
 
 
 class BlockWriter:
-    """Writes the packed model block by block: tensors to shards, config once at the end."""
+    """Writes the packed (or, for the smoothed format, the float) model block by block: tensors to
+    shards, config once at the end. ``weights``: the ``apply_plan`` mode each block is applied with."""
 
     def __init__(self, directory: Path, fmt: str, model: nn.Module, aliases: dict[str, list[str]]):
         self.fmt = format_module(fmt)
+        self.weights = weights_mode(fmt)
         self.model = model
         self.aliases = aliases
         self.shards = ShardWriter(directory)
@@ -344,27 +377,29 @@ class BlockWriter:
         prefixes = {p.rpartition(".")[0] for p in block.params}
         part = _part(self.model, prefixes)
         qmods = packed_modules(part)
-        if qmods:
+        if qmods or self.weights != "packed":
             tensors, qcfg = self.fmt.payload(part, qmods)
-            self.qcfg = _merge_config(self.qcfg, qcfg)
+            if qcfg is not None:
+                self.qcfg = _merge_config(self.qcfg, qcfg)
         else:
             tensors = dedupe_state(part.state_dict())
         fresh = {}
         for k, t in tensors.items():
-            if any(a in self.written for a in self.aliases.get(k, [k])):
-                continue  # a tied tensor, written under its first name
-            fresh[k] = t
-            self.written.add(k)
+            names = self.aliases.get(k, [k])
+            if any(a in self.written for a in names):
+                continue  # a tied tensor, written once
+            fresh[names[0]] = t  # under its first name in the model's order, as save_pretrained does
+            self.written.add(names[0])
         self.shards.add(fresh)
         if self.shards.buffered >= OUTPUT_SHARD_BYTES:
             self.shards.flush()
 
     def finish(self) -> dict:
         self.shards.finish()
-        if self.qcfg is None:
+        if self.qcfg is None and self.weights == "packed":
             raise FormatError("no block had a quantized layer: nothing to write")
         key = getattr(self.fmt, "UNQUANTIZED_KEY", None)
-        if key is not None:
+        if key is not None and self.qcfg is not None:
             self.qcfg[key] = unquantized_linears(self.model)
         return config_dict(self.model, self.qcfg)
 
@@ -398,11 +433,15 @@ def quantize_sequential(
     Returns the plan of the whole model (the union of the blocks' plans) and one record per
     block. The output directory appears only when everything is written (atomic, like
     ``save_quantized``); ``sm.skeleton`` ends with its quantized modules as meta shells.
+    ``fmt="smoothed"`` writes each block folded and clamped, not quantized (a plain checkpoint).
     """
     out = Path(out)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     device = torch.device(cfg.runtime.device or "cpu")
+    if sm.targets is None or sm.targets.selection != cfg.selection():
+        raise TargetError("the model was opened for other targets (ignore / only / extra_groups / exclude_groups) "
+                          "than this config's: open it with open_sequential(..., config=cfg)")
     last_active = max((b.index for b in sm.blocks if sm.quantizes(b)), default=-1)
     if last_active < 0:
         raise BlockSplitError("no block has a weight to quantize")
@@ -410,6 +449,13 @@ def quantize_sequential(
         log.warning("search: loss_samples=%d asked for, %d available: calibration had only %d sequences",
                     cfg.runtime.loss_samples, calib.shape[0], calib.shape[0])
         cfg = cfg.with_(loss_samples=int(calib.shape[0]))
+    rt = cfg.runtime
+    if cfg.needs_calibration and rt.loss_samples < calib.shape[0] and rt.loss_samples % rt.batch_size:
+        # a loss sample that ends inside a batch gives the block searches inputs of two batch sizes
+        raise ConfigError(f"block by block, the loss sample must be whole calibration batches: loss_samples="
+                          f"{rt.loss_samples} is not a multiple of batch_size={rt.batch_size}; use --loss-samples "
+                          f"{max(rt.batch_size, rt.loss_samples // rt.batch_size * rt.batch_size)} or --batch-size "
+                          f"that divides it, or --mode whole")
     needed = _needed_after(sm.blocks)
     (inp,) = [n.name for n in sm.gm.graph.nodes if n.op == "placeholder"]
     rows = torch.arange(calib.shape[0])
@@ -421,7 +467,8 @@ def quantize_sequential(
         Path(offload_dir).mkdir(parents=True, exist_ok=True)
         tmp_offload = Path(tempfile.mkdtemp(prefix="awqfx-boundary-", dir=offload_dir))
     plan = AWQPlan([], {}, cfg.to_dict(), {"awqfx_version": awqfx.__version__, "method": cfg.method,
-                                           "mode": "sequential", "blocks": len(sm.blocks)})
+                                           "mode": "sequential", "blocks": len(sm.blocks),
+                                           "groups_dropped": [g.site for g in searched_groups(sm.discovery, cfg)[1]]})
     records: list[BlockRecord] = []
     gc.freeze()  # the skeleton and its graph live to the end: keep them out of every collection
     try:
@@ -467,8 +514,9 @@ def _quantize_block(sm: SequentialModel, block: Block, boundary: Boundary, cfg: 
         quant_boundary = cfg.scales is not None and cfg.scales.propagate == "quant"
         observed = None
         if quantized:
-            observed = prepare(bgm, cfg)
+            observed = prepare(bgm, cfg, targets=sm.targets)
             _check_groups(sm, block, observed)
+            _check_declared(sm, block, bgm, observed, boundary, device)
             if cfg.needs_calibration:
                 calibrate(observed, boundary.args(block.inputs), progress=False)
             t = stage("calibrate", t)
@@ -494,8 +542,8 @@ def _quantize_block(sm: SequentialModel, block: Block, boundary: Boundary, cfg: 
         release_memory()
     if writer is not None:
         _load_output(sm, block, device)
-        if block_plan is not None:  # packed for writing only: no kernel layout
-            apply_plan(sm.skeleton, block_plan, weights="packed", inplace=True, backend="dequant")
+        if block_plan is not None:  # packed (or smoothed) for writing only: no kernel layout
+            apply_plan(sm.skeleton, block_plan, weights=writer.weights, inplace=True, backend="dequant")
         writer.add(block)
         _to_meta(sm.skeleton, block, sm.aliases)
         release_memory()

@@ -276,7 +276,8 @@ def main() -> int:
     report_path.unlink(missing_ok=True)
     cmd = [args.python, "-m", "awqfx", "quantize", str(ckpt), "--out", str(out)]
     cmd += ["--sequential"] if args.mode == "sequential" else []
-    cmd += ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--quiet"]
+    cmd += ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--group-size", "128", "--quiet"]  # the
+    # group size real-size checkpoints are published with; flags after -- override it
     cmd += [] if args.no_report else ["--report", str(report_path)]
     cmd += extra
     print("running:", " ".join(cmd), flush=True)

@@ -62,3 +62,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@_pytest_real_model.fixture
+def no_calibration(monkeypatch):
+    """Calibrating or searching fails the test: a refusal under test must come before either."""
+    import awqfx.app.jobs
+    import awqfx.sequential
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("calibration or search was reached: the refusal came too late")
+
+    for mod in (awqfx.app.jobs, awqfx.sequential):
+        monkeypatch.setattr(mod, "calibrate", too_late)
+        monkeypatch.setattr(mod, "search", too_late)

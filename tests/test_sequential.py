@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import safetensors
 import torch
-from tiny_models import build, calib_ids, char_tokenizer, config, save_model_dir, token_ids
+from tiny_models import build, calib_ids, char_tokenizer, config, save_model_dir, saved_tensors, token_ids
 
 import awqfx
 from awqfx.api import calibrate, prepare, search
@@ -80,14 +79,6 @@ def _whole(model, calib, cfg):
     return search(obs, cfg, progress=False)
 
 
-def _tensors(path):
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safetensors.safe_open(str(f), "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
-
-
 def test_sequential_writes_what_the_whole_graph_mode_writes(llama_dir, tmp_path):
     calib = calib_ids(8, 16)
     plan, records = quantize_sequential(open_sequential(llama_dir), calib, CFG, tmp_path / "seq", progress=False)
@@ -95,13 +86,35 @@ def test_sequential_writes_what_the_whole_graph_mode_writes(llama_dir, tmp_path)
     whole = _whole(model, calib, CFG)
     assert sorted(g.name for g in plan.groups) == sorted(g.name for g in whole.groups)
     save_quantized(apply_plan(model, whole, weights="packed"), tmp_path / "whole")
-    seq, ref = _tensors(tmp_path / "seq"), _tensors(tmp_path / "whole")
+    seq, ref = saved_tensors(tmp_path / "seq"), saved_tensors(tmp_path / "whole")
     assert seq.keys() == ref.keys()
     assert all(torch.equal(seq[k], ref[k]) for k in ref)
     assert [r.weights for r in records] == [0, 7, 7, 0]
     with torch.no_grad():
         assert torch.equal(load_quantized(tmp_path / "seq")(token_ids()).logits,
                            load_quantized(tmp_path / "whole")(token_ids()).logits)
+
+
+def test_a_tied_embedding_is_written_under_the_name_whole_graph_mode_uses(tmp_path):
+    """Tied embeddings and head: one tensor, under its first name (``model.embed_tokens.weight``),
+    which loaders that re-tie (vLLM skips ``lm_head.weight`` when tied) read."""
+    save_model_dir(tmp_path / "src", "llama", tie_word_embeddings=True)
+    calib = calib_ids(8, 16)
+    quantize_sequential(open_sequential(tmp_path / "src"), calib, CFG, tmp_path / "seq", progress=False)
+    model = build("llama", tie_word_embeddings=True)
+    save_quantized(apply_plan(model, _whole(model, calib, CFG), weights="packed"), tmp_path / "whole")
+    seq, ref = saved_tensors(tmp_path / "seq"), saved_tensors(tmp_path / "whole")
+    assert "model.embed_tokens.weight" in seq and "lm_head.weight" not in seq
+    assert seq.keys() == ref.keys()
+    assert torch.equal(seq["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("loss_samples", [2, 12])
+def test_a_loss_sample_that_ends_inside_a_batch_is_refused_before_work(llama_dir, tmp_path, loss_samples):
+    cfg = CFG.with_(loss_samples=loss_samples, batch_size=8)
+    with pytest.raises(ConfigError, match=f"loss_samples={loss_samples} is not a multiple of batch_size=8"):
+        quantize_sequential(open_sequential(llama_dir), calib_ids(16, 16), cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_search_taking_the_weights_finds_the_same_plan():
@@ -132,7 +145,7 @@ def test_quant_propagation_feeds_later_blocks_the_quantized_outputs(llama_dir, t
     quantize_sequential(open_sequential(llama_dir), calib, cfg, tmp_path / "seq", progress=False)
     model = build("llama")
     save_quantized(apply_plan(model, _whole(model, calib, cfg), weights="packed"), tmp_path / "whole")
-    seq, whole = _tensors(tmp_path / "seq"), _tensors(tmp_path / "whole")
+    seq, whole = saved_tensors(tmp_path / "seq"), saved_tensors(tmp_path / "whole")
     assert seq.keys() == whole.keys()
     first = [k for k in seq if k.startswith("model.layers.0.")]
     second = [k for k in seq if k.startswith("model.layers.1.") and "qweight" in k]
@@ -163,7 +176,7 @@ def test_offload_and_shards_give_the_same_model(llama_dir, tmp_path, monkeypatch
     for name, file in index["weight_map"].items():
         files_of.setdefault(".".join(name.split(".")[:3]), set()).add(file)
     assert all(len(f) == 1 for k, f in files_of.items() if k.startswith("model.layers."))  # a block is one shard
-    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "disk")
+    a, b = saved_tensors(tmp_path / "mem"), saved_tensors(tmp_path / "disk")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with torch.no_grad():
         assert torch.equal(load_quantized(tmp_path / "mem")(token_ids()).logits,
@@ -175,7 +188,7 @@ def test_bf16_checkpoint_stays_bf16(tmp_path):
     build("llama").to(torch.bfloat16).save_pretrained(src)
     char_tokenizer().save_pretrained(src)
     quantize_sequential(open_sequential(src), calib_ids(8, 16), CFG, tmp_path / "q", progress=False)
-    tensors = _tensors(tmp_path / "q")
+    tensors = saved_tensors(tmp_path / "q")
     floats = {k: t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.endswith(".scales")}
     assert floats and set(floats.values()) == {torch.bfloat16}, floats
     assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == "bfloat16"

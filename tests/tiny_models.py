@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import transformers as T
+from safetensors.torch import load_file
 
 VOCAB = 128
 ARCHITECTURES = [
@@ -93,3 +94,11 @@ def save_model_dir(path, name: str = "llama", **overrides):
     model.save_pretrained(path)
     char_tokenizer().save_pretrained(path)
     return model
+
+
+def saved_tensors(path) -> dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` files directly in ``path`` (one file or shards)."""
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out

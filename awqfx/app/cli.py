@@ -22,12 +22,16 @@ from awqfx import distributed
 from awqfx.app.assets import DTYPES, eval_text, load_model
 from awqfx.app.bench import format_bench, run_bench
 from awqfx.app.jobs import MODES, compare_methods, plot_results, quantize_model
+from awqfx.app.mappings import FORMATS as MAPPING_FORMATS
+from awqfx.app.mappings import llm_compressor_mappings
 from awqfx.app.render import write_graph
 from awqfx.checkpoint import CheckpointError
 from awqfx.config import AWQConfig, ConfigError
 from awqfx.formats import FormatError
+from awqfx.gguf_blocks import GGUF_TYPES
 from awqfx.passes.blocks import BlockSplitError
 from awqfx.passes.discover import discover
+from awqfx.quant import QuantSpec
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -80,7 +84,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     gm = awqfx.capture(model)
     d = discover(gm)
     elapsed = time.perf_counter() - t0
-    if args.json:
+    if args.mappings:
+        report = llm_compressor_mappings(d, model)
+        print(json.dumps(report.to_json(), indent=2) if args.json else report.to_python())
+    elif args.json:
         print(json.dumps(d.to_json(), indent=2))
     else:
         rows = []
@@ -109,7 +116,14 @@ def _search_kwargs(args: argparse.Namespace) -> dict:
     return dict(symmetric=args.symmetric, scale_form=args.scale_form, clip=args.clip, clip_grid=args.clip_grid,
                 clip_rounds=args.clip_rounds, clip_skip_qk=not args.clip_qk,
                 n_grid=args.n_grid, loss_samples=args.loss_samples, propagate=args.propagate,
-                calib_dtype=dtype, search_dtype=dtype)
+                calib_dtype=dtype, search_dtype=dtype, **_target_kwargs(args))
+
+
+def _target_kwargs(args: argparse.Namespace) -> dict:
+    """The AWQConfig target fields (``--ignore``, ``--only``, ``--group``, ``--exclude-group``; awqfx.targets)."""
+    return dict(ignore=tuple(getattr(args, "ignore", None) or ()), only=tuple(getattr(args, "only", None) or ()),
+                extra_groups=tuple(getattr(args, "group", None) or ()),
+                exclude_groups=tuple(getattr(args, "exclude_group", None) or ()))
 
 
 def _config_from_args(args: argparse.Namespace, **over):
@@ -120,6 +134,35 @@ def _config_from_args(args: argparse.Namespace, **over):
         return AWQConfig.of(**kw)
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def _gguf_kwargs(args: argparse.Namespace) -> dict:
+    """``--format gguf --gguf-type T``: the quantizer is GGUF type T's (bits, group size 32 and symmetry
+    come from it; flags that contradict it are refused; a symmetric type clips ``sym`` unless --clip is
+    given). Nothing without --gguf-type."""
+    if args.gguf_type is None:
+        if args.format == "gguf":
+            raise UsageError(f"--format gguf needs --gguf-type, one of {', '.join(GGUF_TYPES)}")
+        return {}
+    if args.format != "gguf":
+        raise UsageError(f"--gguf-type is the block type of --format gguf; add --format gguf (got --format {args.format})")
+    spec = QuantSpec.gguf(args.gguf_type)
+    d = args.quant_flag_defaults
+    clash = []
+    if args.bits not in (d["bits"], spec.bits):
+        clash.append(f"--bits {args.bits}")
+    if args.group_size not in (d["group_size"], spec.group_size):
+        clash.append(f"--group-size {args.group_size}")
+    if args.symmetric and not spec.symmetric:
+        clash.append("--symmetric")
+    if clash:
+        raise UsageError(f"--gguf-type {spec.scheme} is {spec.bits}-bit blocks of {spec.group_size} weights, "
+                         f"{'symmetric' if spec.symmetric else 'with a min offset (asymmetric)'}; drop "
+                         f"{', '.join(clash)}")
+    kw = dict(bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric, scheme=spec.scheme)
+    if spec.symmetric and args.clip == AWQConfig().clip.mode:
+        kw["clip"] = "sym"  # the clip of a quantizer whose range is max |w|
+    return kw
 
 
 def _check_device(device: str | None) -> None:
@@ -139,7 +182,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise UsageError(f"--calib {args.calib!r} does not exist (give a text file or a directory of .txt/.md files)")
     if Path(args.out).exists() and not args.overwrite:
         raise UsageError(f"--out {args.out} already exists; pass --overwrite to replace it")
-    cfg = _config_from_args(args)
+    cfg = _config_from_args(args, drop_unfoldable=args.drop_unfoldable, **_gguf_kwargs(args))
     try:
         with distributed.launched(args.device):  # one rank of a torchrun launch, or the only process
             rep = quantize_model(args.model, args.out, cfg, fmt=args.format, calib_source=args.calib,
@@ -253,8 +296,24 @@ def _job_flags(p: argparse.ArgumentParser, func, group_size: int, multi_bits: bo
     """The flags every quantizing subcommand shares: progress, quantizer and search, calibration."""
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _quant_flags(p, group_size, multi_bits=multi_bits)
+    _target_flags(p)
     _calib_flags(p)
     p.set_defaults(func=func)
+
+
+def _target_flags(p: argparse.ArgumentParser) -> None:
+    t = p.add_argument_group("targets", "what is quantized and which scale groups are scaled; names are the "
+                             "model's module or parameter names (awqfx inspect lists them)")
+    t.add_argument("--ignore", action="append", metavar="PATTERN",
+                   help="leave the linears whose module or parameter name matches this Python regex (re.search) "
+                        "unquantized, in float; repeatable, e.g. --ignore down_proj --ignore 'layers\\.0\\.'")
+    t.add_argument("--only", action="append", metavar="PATTERN",
+                   help="quantize only the linears whose name matches this regex (repeatable; --ignore still applies)")
+    t.add_argument("--group", action="append", metavar="PRODUCER:CONSUMER[,CONSUMER...]",
+                   help="declare a scale group discovery did not find: a norm or linear and the linears reading its "
+                        "channels; refused unless folding random scales into it leaves the model's output unchanged")
+    t.add_argument("--exclude-group", action="append", metavar="PATTERN",
+                   help="drop the discovered scale groups whose producer matches this regex (their scale stays 1)")
 
 
 def _calib_flags(p: argparse.ArgumentParser) -> None:
@@ -291,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     p.add_argument("--json", action="store_true", help="print the groups and rejections as JSON")
     p.add_argument("--graph", metavar="FILE", help="draw the graph with scalable edges highlighted (.svg or .html)")
+    p.add_argument("--mappings", choices=MAPPING_FORMATS,
+                   help="print the groups as llm-compressor AWQMapping entries (re: patterns collapsed across "
+                        "layers) and the groups it cannot express, with the reason; with --json as JSON")
     p.set_defaults(func=cmd_inspect)
 
     q = sub.add_parser("quantize", help="quantize a model with AWQ and save it",
@@ -302,9 +364,20 @@ def build_parser() -> argparse.ArgumentParser:
     _dtype_flag(q, ", searched and saved in (quantized weights aside)")
     q.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    q.add_argument("--format", choices=["awqfx", "autoawq", "compressed-tensors"], default="awqfx",
-                   help="awqfx (native, any bits/groups), autoawq (GEMM layout, 4-bit, in %% group == 0) or "
-                        "compressed-tensors (pack-quantized, no ragged groups) (default awqfx)")
+    q.add_argument("--format", choices=["awqfx", "autoawq", "compressed-tensors", "smoothed", "gguf"], default="awqfx",
+                   help="awqfx (native, any bits/groups), autoawq (GEMM layout, 4-bit, in %% group == 0), "
+                        "compressed-tensors (pack-quantized, no ragged groups), smoothed (not quantized: the "
+                        "float model with the AWQ scales folded and each weight clamped to its clip range, a plain "
+                        "checkpoint for other quantizers) or gguf (llama.cpp: OUT/model.gguf, llama models, "
+                        "needs --gguf-type) (default awqfx)")
+    q.add_argument("--gguf-type", choices=list(GGUF_TYPES), default=None,
+                   help="--format gguf: the llama.cpp block type the search quantizes with and the file stores "
+                        "(q4_0: 4-bit symmetric, q4_1: 4-bit with a min, q8_0: 8-bit; blocks of 32); sets bits, "
+                        "group size and symmetry, and --clip sym for q4_0/q8_0 unless --clip is given")
+    q.add_argument("--drop-unfoldable", action="store_true",
+                   help="leave unscaled the scale groups after an activation (GELU -> fc2), whose scale needs an "
+                        "inserted node no parameter can absorb, instead of refusing a format that cannot hold "
+                        "that node (smoothed, autoawq, compressed-tensors); warns naming them")
     q.add_argument("--device", choices=["cpu", "cuda"], default=None, help="where calibration and search run (default: cpu)")
     q.add_argument("--method", choices=["awq", "rtn"], default="awq", help="awq (default) or rtn (round-to-nearest baseline)")
     q.add_argument("--eval", metavar="FILE", help="report perplexity before/after on this text file ('-': bundled held-out plays)")
@@ -317,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--offload-dir", metavar="DIR", help="sequential mode: keep the calibration activations at the "
                    "block boundary in files under DIR instead of in memory")
     q.add_argument("--report", metavar="FILE.json", help="also write the summary, with the time of every block, as JSON")
-    _job_flags(q, cmd_quantize, group_size=128)
+    _job_flags(q, cmd_quantize, group_size=64)
+    # --gguf-type derives bits and group size: their defaults are overridden, other values contradict it
+    q.set_defaults(quant_flag_defaults={k: q.get_default(k) for k in ("bits", "group_size")})
 
     e = sub.add_parser("eval", help="perplexity of fp / RTN / AWQ across bit widths",
                        description="Quantize MODEL with each method at each bit width (fake-quant graphs) and print "

@@ -24,7 +24,8 @@ from awqfx.apply import apply_plan
 from awqfx.capture import capture
 from awqfx.checkpoint import Checkpoint, CheckpointError
 from awqfx.config import AWQConfig, ConfigError
-from awqfx.formats import FormatError, Layer, check_format, load_quantized, save_quantized
+from awqfx.formats import FormatError, Layer, check_format, load_quantized, save_quantized, weights_mode
+from awqfx.formats import gguf as gguf_format
 from awqfx.formats.common import alias_groups
 from awqfx.memory import peak_rss_mb
 from awqfx.params import get_param
@@ -109,6 +110,17 @@ def refuse_unfit_format(fmt: str, observed, cfg: AWQConfig) -> None:
         raise FormatError(f"--format {fmt} cannot hold this model: " + "; ".join(problems) + ".")
 
 
+def report_dropped(rep: Report, observed) -> None:
+    """One warning line naming the groups ``--drop-unfoldable`` leaves unscaled, and their count in
+    the summary (nothing when none is dropped)."""
+    if not observed.dropped:
+        return
+    n = len(observed.dropped)
+    log.warning("--drop-unfoldable: %d scale group%s after an activation left unscaled (s = 1): %s", n,
+                "" if n == 1 else "s", "; ".join(g.site for g in observed.dropped))
+    rep.facts["scale groups"] += f", {n} dropped (--drop-unfoldable)"
+
+
 
 
 MODES = ("auto", "whole", "sequential")
@@ -172,6 +184,11 @@ def quantize_model(
         else:
             stored = (ckpt.dtype() or torch.float32).itemsize
             mode, why = choose_mode(mode, ckpt.nbytes() * dtype.itemsize // stored, cfg.runtime.device, dtype)
+        if fmt == gguf_format.NAME and mode == "sequential":  # one file from the whole folded model
+            if why == "asked for":
+                raise ConfigError("--format gguf writes one file from the whole folded model; block by block "
+                                  "(--mode sequential) it is not supported: use --mode whole or auto")
+            mode, why = "whole", f"--format gguf is written from the whole model; auto would run sequential: {why}"
     rep.facts["mode"] = f"{'block by block' if mode == 'sequential' else 'whole graph'} ({why})"
     if mode == "sequential":
         _quantize_blocks(rep, model_dir, out, cfg, fmt, calib_source, samples, seq_len, dtype, offload_dir,
@@ -180,7 +197,7 @@ def quantize_model(
         tok = assets.load_tokenizer(model_dir)
     else:
         model, tok, packed = _quantize_whole(rep, model_dir, out, cfg, fmt, calib_source, samples, seq_len, dtype,
-                                             overwrite, progress)
+                                             overwrite, progress, source_gguf=gguf_source(model_path))
     if not distributed.is_main():
         return rep
     rep.facts["size after"] = f"{dir_size(out) / 2**20:.1f} MiB on disk ({out})"
@@ -190,7 +207,9 @@ def quantize_model(
         with rep.stage("evaluate"):
             if model is None:
                 model, _ = assets.load_model(model_dir, dtype=dtype)
-                packed = load_quantized(out)
+                packed = load_quantized(out) if weights_mode(fmt) == "packed" else assets.load_model(out, dtype)[0]
+            if fmt == gguf_format.NAME:  # the file itself, as transformers dequantizes it
+                packed = gguf_format.load_gguf(out, dtype)
             compute = compute_dtype_for(dtype, cfg.runtime.device)
             if compute != dtype:  # e.g. bf16 on a CPU without bf16 matmuls: the same values, evaluated in float32
                 model, packed = model.to(compute), packed.to(compute)
@@ -198,12 +217,21 @@ def quantize_model(
             after = perplexity(packed, wins, progress=progress)
         computed = "" if compute == dtype else f", computed in {compute}"
         rep.facts["perplexity before"] = f"{before:.3f} ({wins.shape[0]} x {wins.shape[1]} tokens{computed})"
-        rep.facts["perplexity after"] = f"{after:.3f}"
+        rep.facts["perplexity after"] = f"{after:.3f}" + (" (smoothed float model, not quantized)"
+                                                           if weights_mode(fmt) == "smoothed" else
+                                                           f" ({gguf_format.GGUF_NAME} as transformers loads it)"
+                                                           if fmt == gguf_format.NAME else "")
     return rep
 
 
+def gguf_source(model_path: str | None) -> Path | None:
+    """The ``.gguf`` file MODEL names (the bundled SmolLM2 when None), or None for a HF directory."""
+    path = assets.default_model_gguf() if model_path is None else Path(model_path)
+    return path if path.is_file() and path.suffix.lower() == ".gguf" else None
+
+
 def _quantize_whole(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fmt: str, calib_source, samples: int,
-                    seq_len: int, dtype: torch.dtype, overwrite: bool, progress: bool):
+                    seq_len: int, dtype: torch.dtype, overwrite: bool, progress: bool, source_gguf: Path | None = None):
     with rep.stage("load model"):
         model, tok = assets.load_model(model_dir, dtype=dtype)
     check_seq_len(model, seq_len)
@@ -221,6 +249,11 @@ def _quantize_whole(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fmt
     d = observed.discovery
     rep.facts["scale groups"] = f"{len(d.groups)} found, {len(d.rejected)} rejected candidates"
     refuse_unfit_format(fmt, observed, cfg)
+    if fmt == gguf_format.NAME:
+        problems = gguf_format.check_model(model, source_gguf, model_dir)
+        if problems:
+            raise FormatError(f"--format {fmt} cannot hold this model: " + "; ".join(problems) + ".")
+    report_dropped(rep, observed)
     fp_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     est = budget.estimate_memory(gm, samples=samples if calib is not None else 0, seq_len=seq_len,
                                  batch_size=cfg.runtime.batch_size,
@@ -236,16 +269,25 @@ def _quantize_whole(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fmt
     if not distributed.is_main():  # every rank holds the plan; rank 0 packs, saves and evaluates
         return model, tok, None
     _describe_weights(rep, plan, cfg)
-    with rep.stage("pack"):
-        packed = apply_plan(model, plan, weights="packed")
+    weights = weights_mode(fmt)  # "smoothed": the float model, folded and clamped, not quantized
+    with rep.stage({"packed": "pack", "smoothed": "fold + clamp"}.get(weights, "fold")):
+        packed = apply_plan(model, plan, weights=weights)
     with rep.stage("save"), tempfile.TemporaryDirectory() as tmp:
         plan.save(Path(tmp) / "plan")
-        save_quantized(packed, out, fmt=fmt, tokenizer=tok, plan_dir=Path(tmp) / "plan", overwrite=overwrite)
+        if fmt == gguf_format.NAME:  # the file is quantized from the folded float weights and the plan's clips
+            gguf_format.save_gguf(packed, plan, out, source_gguf=source_gguf, model_dir=model_dir,
+                                  plan_dir=Path(tmp) / "plan", overwrite=overwrite)
+        else:
+            save_quantized(packed, out, fmt=fmt, tokenizer=tok, plan_dir=Path(tmp) / "plan", overwrite=overwrite)
     rep.facts["size before"] = f"{fp_bytes / 2**20:.1f} MiB ({next(model.parameters()).dtype}, in memory)"
     return model, tok, packed
 
 
 def _describe_weights(rep: Report, plan, cfg: AWQConfig) -> None:
+    if cfg.weights.is_gguf:
+        rep.facts["quantized weights"] = f"{len(plan.weights)} (GGUF {cfg.weights.scheme}: {cfg.weights.bits}-bit " \
+                                         f"blocks of {cfg.weights.group_size})"
+        return
     rep.facts["quantized weights"] = f"{len(plan.weights)} ({cfg.weights.bits}-bit, group {cfg.weights.group_size}, " \
                                      f"{'symmetric' if cfg.weights.symmetric else 'asymmetric'})"
 
@@ -254,7 +296,8 @@ def _quantize_blocks(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fm
                      seq_len: int, dtype: torch.dtype, offload_dir: str | None, overwrite: bool,
                      progress: bool) -> None:
     with rep.stage("capture + discover"):
-        sm = open_sequential(model_dir, dtype=dtype, quantize_head=cfg.quantize_head, device=cfg.runtime.device)
+        sm = open_sequential(model_dir, dtype=dtype, quantize_head=cfg.quantize_head, device=cfg.runtime.device,
+                             config=cfg)
     check_seq_len(sm.skeleton, seq_len)
     n_params = sum(p.numel() for p in sm.skeleton.parameters())
     rep.facts["model"] = (f"{type(sm.skeleton).__name__} ({n_params / 1e6:.1f}M parameters, {dtype}, "
@@ -263,7 +306,9 @@ def _quantize_blocks(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fm
     rep.facts["scale groups"] = f"{len(d.groups)} found, {len(d.rejected)} rejected candidates"
     is_quantized = [sm.quantizes(b) for b in sm.blocks]
     rep.facts["blocks"] = f"{len(sm.blocks)} ({sum(is_quantized)} quantized)"
-    refuse_unfit_format(fmt, sm.observed_view(cfg), cfg)
+    view = sm.observed_view(cfg)
+    refuse_unfit_format(fmt, view, cfg)
+    report_dropped(rep, view)
     sizes = [sm.block_bytes(b) for b in sm.blocks]
     last = max(i for i, q in enumerate(is_quantized) if q) if any(is_quantized) else -1
     est = budget.estimate_memory(sm.gm, samples=samples if cfg.needs_calibration else 0, seq_len=seq_len,

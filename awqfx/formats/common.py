@@ -3,10 +3,10 @@ checkpoint directory (atomic write, config.json), safe file reading and the skel
 fills.
 
 Every format is a directory holding ``config.json`` (the HF model config plus a
-``quantization_config``) and ``model.safetensors`` (metadata ``{"format": "pt"}``), or above
-``max_shard_bytes`` (2 GiB) shards ``model-0000i-of-0000N.safetensors`` with the
-``model.safetensors.index.json`` Hugging Face loaders read (:mod:`awqfx.formats.shards`); never
-pickle. Optional extras: the tokenizer files (``tokenizer.save_pretrained``),
+``quantization_config``; none in the float ``smoothed`` format) and ``model.safetensors``
+(metadata ``{"format": "pt"}``), or above ``max_shard_bytes`` (2 GiB) shards
+``model-0000i-of-0000N.safetensors`` with the ``model.safetensors.index.json`` Hugging Face
+loaders read (:mod:`awqfx.formats.shards`); never pickle. Optional extras: the tokenizer files (``tokenizer.save_pretrained``),
 ``generation_config.json``, and the AWQ plan copied into the ``awq_plan/`` sub-directory (a
 sub-directory, not the top level, because vLLM loads every top-level ``*.safetensors`` file as
 model weights and ``plan.safetensors`` would break it).
@@ -140,7 +140,8 @@ def linear_only_problems(fmt: str, layers: list[Layer]) -> list[str]:
         if layer.input_scale:
             problems.append(
                 f"{layer.where} reads its input through an AWQ scale node after an activation (GELU -> fc2 style), "
-                f"which {fmt} loaders cannot apply; use --format awqfx"
+                f"which {fmt} loaders cannot apply; use --format awqfx, or --drop-unfoldable to leave such groups "
+                "unscaled"
             )
     return problems
 
@@ -289,10 +290,14 @@ def unquantized_linears(model: nn.Module) -> list[str]:
 # =========================================================================== write
 
 
-def config_dict(model: nn.Module, qcfg: dict) -> dict:
+def config_dict(model: nn.Module, qcfg: dict | None) -> dict:
+    """``model``'s config as ``config.json`` holds it, with ``qcfg`` as its ``quantization_config``
+    (None: none, a plain float checkpoint)."""
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
-    cfg["quantization_config"] = qcfg
+    cfg.pop("_name_or_path", None)  # where the source was read from: a path on the quantizing machine
+    if qcfg is not None:
+        cfg["quantization_config"] = qcfg
     if not cfg.get("architectures"):
         cfg["architectures"] = [type(model).__name__]
     dtype = float_dtype(model) or torch.float32

@@ -15,6 +15,8 @@ Clip (after the weight's last scaling group)
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from awqfx.params import rows_view
@@ -154,7 +156,7 @@ def refine_clip_jointly(w_rows: torch.Tensor, gram: torch.Tensor, spec: QuantSpe
                 hi, lo = clip_range(mx[:, gi, None], mn[:, gi, None], cand, mode)
             m = hi.shape[1]
             wr = wg.repeat_interleave(m, 0)
-            sub = QuantSpec(spec.bits, b - a, spec.symmetric)
+            sub = replace(spec, group_size=b - a)
             D = (fake_quantize(wr, sub, max_val=hi.reshape(-1, 1), min_val=lo.reshape(-1, 1)) - wr).reshape(R, m, b - a)
             err = ((D @ gg) * D).sum(-1) + 2 * (D * cross[:, None, :]).sum(-1)
             cur = ((d[:, a:b] @ gg) * d[:, a:b]).sum(-1) + 2 * (d[:, a:b] * cross).sum(-1)

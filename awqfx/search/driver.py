@@ -222,6 +222,7 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
         "replayed_nodes": replayed,
         "device": str(device),
         "groups_skipped": [g.name for g in observed.groups if g not in groups],
+        "groups_dropped": [g.site for g in observed.dropped],
     }
     plan_groups = [GroupPlan(groups[gi], scale_of[gi].float().cpu(), infos[gi]) for gi in sorted(scale_of)]
     return AWQPlan(plan_groups, weights, cfg.to_dict(), meta)
