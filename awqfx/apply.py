@@ -10,8 +10,15 @@ A plan (plain data keyed by parameter FQN, :mod:`awqfx.plan`) applies the same w
   activation scales become :class:`InputScale` forward pre-hooks on the consumers, then the
   weights are fake-quantized or the linears swapped for packed ``QuantLinear`` modules.
 
+Weight-activation plans (``WeightPlan.act`` set, W8A8): under ``"fake"`` an activation quantizer
+goes before every planned linear (graph: ``insert_act_quantizers`` nodes; module tree: a
+:class:`QuantizedInput` forward pre-hook); under ``"packed"`` the planned 2-D linears become
+:class:`~awqfx.int8_linear.Int8Linear` (int8 matmuls, the input quantized at run time), and a
+graph's 3-D expert weights stay fake-quantized behind activation quantizer nodes (a module tree's
+are refused: no packed expert module quantizes its input).
+
 ``weights``: ``"fake"`` (quantize -> dequantize, float weights), ``"packed"`` (integer codes and
-the int4 kernels), ``"float"`` (fold only: e.g. to read integers with
+the int4 / int8 kernels), ``"float"`` (fold only: e.g. to read integers with
 :meth:`AWQPlan.quantized_weight`) or ``"smoothed"`` (fold, then clamp each planned weight per
 (row, group) to its clip range without quantizing it: the float model that round-to-nearest
 at the plan's bits and group size turns into the plan's integers; written by
@@ -28,16 +35,20 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from awqfx.act_quant import fake_quantize_activation
+from awqfx.config import ActSpec
+from awqfx.int8_linear import pack_int8_model
 from awqfx.packed_experts import pack_experts
 from awqfx.packed_model import pack_model
 from awqfx.params import clamp_param, fold_parameters, full_scale, get_param, has_param, set_param
+from awqfx.passes.act_quantizers import insert_act_quantizers
 from awqfx.passes.fold import fold_scales
 from awqfx.passes.observers import remove_observers
 from awqfx.passes.pack_linears import pack_linears
 from awqfx.passes.quantize_linears import quantize_linears
 from awqfx.plan import AWQPlan
 
-__all__ = ["apply_plan", "InputScale", "deepcopy_module", "WEIGHT_MODES"]
+__all__ = ["apply_plan", "InputScale", "QuantizedInput", "deepcopy_module", "WEIGHT_MODES"]
 
 WEIGHT_MODES = ("fake", "packed", "float", "smoothed")
 
@@ -56,6 +67,18 @@ class InputScale:
             raise RuntimeError(f"awqfx input scale of {self.weight}: input has {x.shape[-1]} channels, "
                                f"expected {self.factor.numel()}")
         return (x * self.factor.to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
+
+
+class QuantizedInput:
+    """Forward pre-hook: fake-quantize the module's first input (the module-tree form of an
+    activation quantizer node, :mod:`awqfx.passes.act_quantizers`)."""
+
+    def __init__(self, spec: ActSpec, weight: str):
+        self.spec = spec
+        self.weight = weight
+
+    def __call__(self, module, args):
+        return (fake_quantize_activation(args[0], self.spec),) + tuple(args[1:])
 
 
 def _add_input_scales(model: nn.Module, scales: dict[str, torch.Tensor]) -> None:
@@ -108,8 +131,10 @@ def apply_plan(target: nn.Module, plan: AWQPlan, weights: str = "fake", inplace:
         fold_scales(out, [gp.group for gp in plan.groups], [gp.scale for gp in plan.groups])
     else:
         _fold_module_tree(out, plan)
+    acts = plan.activations
     if weights == "fake":
         quantize_linears(out, plan.weights)
+        _quantize_inputs(out, acts)
     elif weights == "smoothed":
         for name, wp in plan.weights.items():
             set_param(out, name, clamp_param(get_param(out, name), wp.in_dim, wp.spec, wp.max_val, wp.min_val))
@@ -118,11 +143,28 @@ def apply_plan(target: nn.Module, plan: AWQPlan, weights: str = "fake", inplace:
         experts = {n: wp for n, wp in plan.weights.items() if n not in flat}
         if graph:
             quantize_linears(out, experts)  # the graph reads expert weights as parameters: fake-quantized
+            insert_act_quantizers(out, {n: a for n, a in acts.items() if n in experts})
             pack_linears(out, plan, backend=backend)
         else:
+            refused = sorted(n for n in experts if n in acts)
+            if refused:
+                raise ValueError(f"no packed module quantizes the input activations of 3-D expert weights: {refused[:3]}; "
+                                 "apply the plan to the captured graph, or quantize weights only (no --act-bits)")
             in_dims = {n: wp.in_dim for n, wp in plan.weights.items()}
             pack_experts(out, {n: plan.quantized_weight(out, n) for n in experts}, in_dims)
-            pack_model(out, {n: plan.quantized_weight(out, n) for n in flat}, in_dims=in_dims, backend=backend)
+            pack_model(out, {n: plan.quantized_weight(out, n) for n in flat if n not in acts}, in_dims=in_dims,
+                       backend=backend)
+            pack_int8_model(out, {n: plan.quantized_weight(out, n) for n in flat if n in acts}, acts, in_dims)
     if graph:
         out.recompile()
     return out
+
+
+def _quantize_inputs(target: nn.Module, acts: dict[str, ActSpec]) -> None:
+    """An activation quantizer before every linear reading a weight in ``acts``: graph nodes, or
+    forward pre-hooks on a module tree's owners (after any input-scale hook)."""
+    if isinstance(target, fx.GraphModule):
+        insert_act_quantizers(target, acts)
+        return
+    for weight, spec in acts.items():
+        target.get_submodule(weight.rpartition(".")[0]).register_forward_pre_hook(QuantizedInput(spec, weight))

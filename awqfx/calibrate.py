@@ -214,6 +214,11 @@ def _merge_shards(observed: ObservedGraph, before: list[int], seen: int) -> int:
     for obs in observed.mean_observers.values():
         obs.sum = distributed.sum_in_order(obs.partials, obs.sum, what="calibration statistics")
         obs.partials = None
+    ranks = distributed.all_gather({k: None if o.amax is None else o.amax.cpu()
+                                    for k, o in observed.mean_observers.items()}, what="calibration statistics")
+    for k, obs in observed.mean_observers.items():  # max |x|: the largest of every rank's (exact in any order)
+        maxima = [r[k] for r in ranks if r[k] is not None]
+        obs.amax = torch.stack(maxima).amax(0) if maxima else None
     added = distributed.all_reduce_sum(torch.tensor([n - b for n, b in zip(_counts(observed), before)] + [seen]),
                                        what="calibration counts").tolist()
     _set_counts(observed, [b + a for b, a in zip(before, added)])

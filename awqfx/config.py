@@ -1,9 +1,10 @@
 """The knobs of the AWQ pass, as typed parts, validated before any work starts.
 
 ``AWQConfig`` is composed of the quantizer spec (:class:`~awqfx.quant.QuantSpec`: bits, group
-size, symmetric), the scale search (:class:`ScaleSearch`), the clip search (:class:`ClipSearch`)
-and the runtime settings (:class:`Runtime`). Round-to-nearest is the config with no scale search
-and no clip search (``AWQConfig.rtn(spec)``). Defaults are the measured best on SmolLM2-135M
+size, symmetric), the activation quantizer (:class:`ActSpec`, or None: weight-only), the scale
+search (:class:`ScaleSearch`) or SmoothQuant's fixed scales (:class:`SmoothQuant`), the clip
+search (:class:`ClipSearch`) and the runtime settings (:class:`Runtime`). Round-to-nearest is the
+config with no scale search and no clip search (``AWQConfig.rtn(spec)``). Defaults are the measured best on SmolLM2-135M
 (docs/results.md, "AWQ quality"); the reference defaults (AutoAWQ / the paper) are noted where
 ours differ.
 
@@ -22,12 +23,15 @@ import torch
 
 from awqfx.quant import QuantSpec
 
-__all__ = ["AWQConfig", "ScaleSearch", "ClipSearch", "Runtime", "GroupSpec", "FLAT_FIELDS", "ConfigError"]
+__all__ = ["AWQConfig", "ScaleSearch", "SmoothQuant", "ClipSearch", "Runtime", "GroupSpec", "ActSpec", "FLAT_FIELDS",
+           "ConfigError", "ACT_GRANULARITIES", "ACT_MODE_WEIGHTS"]
 
 _SCALE_FORMS = ("x", "duo", "both")
 _CLIPS = ("asym", "minmax", "sym")
 _PROPAGATE = ("fp", "quant")
 _AUTOCAST = ("auto", "bfloat16", "float16")
+_METHODS = ("awq", "rtn", "smoothquant")
+ACT_GRANULARITIES = ("per-token", "per-tensor")
 
 
 def fast_half_matmul(device, dtype: torch.dtype) -> bool:
@@ -62,6 +66,62 @@ def _need_choice(owner: str, name: str, v: Any, choices: tuple) -> None:
 def _need_bool(owner: str, name: str, v: Any) -> None:
     if not isinstance(v, bool):
         raise ValueError(f"{owner}.{name} must be True or False, got {v!r}")
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """How the input activations of every quantized linear are quantized (weight-activation mode,
+    W8A8 as llmc does it; ``--act-bits``, ``--act-granularity``).
+
+    Dynamic and symmetric: the scale is computed at run time from the activation itself,
+    ``max |x| / (2^(bits-1) - 1)`` per token (``"per-token"``: per row of the linear's input) or
+    over the whole input tensor (``"per-tensor"``), and ``q = round(x / scale)`` is a signed
+    ``bits``-bit integer (:mod:`awqfx.act_quant`). bits: 4..8.
+    """
+
+    bits: int = 8
+    granularity: str = "per-token"
+
+    def __post_init__(self) -> None:
+        b = self.bits
+        if isinstance(b, bool) or not isinstance(b, int) or not 4 <= b <= 8:
+            raise ConfigError(f"activation bits (--act-bits) must be an integer from 4 to 8, got {b!r}")
+        if self.granularity not in ACT_GRANULARITIES:
+            raise ConfigError(f"activation granularity (--act-granularity) must be one of "
+                              f"{', '.join(ACT_GRANULARITIES)}, got {self.granularity!r}")
+
+    @property
+    def per_token(self) -> bool:
+        return self.granularity == "per-token"
+
+    @property
+    def qmax(self) -> int:
+        """Largest signed code, ``2^(bits-1) - 1`` (the codes lie in ``[-qmax, qmax]``)."""
+        return (1 << (self.bits - 1)) - 1
+
+
+#: The weight quantizer's flat defaults in weight-activation mode (the CLI's when ``--act-bits`` is
+#: given): 8-bit, symmetric, one scale per output row (the int8 kernel multiplies by one weight scale
+#: per output channel), clipped ``sym`` (max |w|, the range a symmetric grid uses), as llmc quantizes
+#: W8A8. Any other weight spec is still allowed.
+ACT_MODE_WEIGHTS: dict[str, Any] = {"bits": 8, "group_size": -1, "symmetric": True, "clip": "sym"}
+
+
+@dataclass(frozen=True)
+class SmoothQuant:
+    """SmoothQuant's scales on the discovered groups (the baseline of weight-activation AWQ): no
+    search, ``s = max|X|^alpha / max|W|^(1-alpha)`` per channel (``max|X|`` over every calibration
+    token, ``max|W|`` over the rows of the group's quantized consumers; ``max|W|`` and ``s``
+    clamped at 1e-5, as the reference does), folded like AWQ's (:mod:`awqfx.search.smoothquant`).
+    alpha in [0, 1] (``--sq-alpha``, default 0.5, the paper's)."""
+
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+            raise ConfigError(f"SmoothQuant alpha (--sq-alpha) must be a number in [0, 1], got {a!r}")
+        object.__setattr__(self, "alpha", float(a))
 
 
 @dataclass(frozen=True)
@@ -233,6 +293,8 @@ FLAT_FIELDS: dict[str, tuple[str, str]] = {
     "max_shrink": ("clip", "max_shrink"), "clip_skip_qk": ("clip", "skip_qk"), "clip_tokens": ("clip", "tokens"),
     "device": ("runtime", "device"), "batch_size": ("runtime", "batch_size"), "loss_samples": ("runtime", "loss_samples"),
     "calib_dtype": ("runtime", "calib_dtype"), "search_dtype": ("runtime", "search_dtype"),
+    "act_bits": ("activations", "bits"), "act_granularity": ("activations", "granularity"),
+    "sq_alpha": ("smoothquant", "alpha"),
 }
 
 
@@ -242,8 +304,12 @@ class AWQConfig:
 
     weights: the quantizer (bits 2..8, group_size > 0 or -1 for one group per row, a ragged last
     group is fine; symmetric False: integer zero point, the AWQ default). scales / clip: the
-    searches, or None to skip one (both None: round-to-nearest). runtime: device, batch size,
-    loss sample, autocast. quantize_head: also quantize the LM head (off, as in every reference).
+    searches, or None to skip one (both None: round-to-nearest). smoothquant: SmoothQuant's fixed
+    scales instead of the scale search (:class:`SmoothQuant`; ``scales`` must then be None).
+    activations: the input activations of every quantized linear are quantized too
+    (:class:`ActSpec`: weight-activation mode, W8A8), and the searches score their losses with
+    them quantized; None: weight-only. runtime: device, batch size, loss sample, autocast.
+    quantize_head: also quantize the LM head (off, as in every reference).
 
     Targets (:mod:`awqfx.targets`; docs/design.md, "Targets"): ignore / only: regular expressions
     (``re.search``) over linear weight and module names; a match of ``ignore`` stays float, and
@@ -261,14 +327,20 @@ class AWQConfig:
     only: tuple[str, ...] = ()
     extra_groups: tuple[GroupSpec, ...] = ()
     exclude_groups: tuple[str, ...] = ()
+    activations: ActSpec | None = None
+    smoothquant: SmoothQuant | None = None
 
     def __post_init__(self) -> None:
         for name, cls, optional in (("weights", QuantSpec, False), ("scales", ScaleSearch, True),
-                                    ("clip", ClipSearch, True), ("runtime", Runtime, False)):
+                                    ("clip", ClipSearch, True), ("runtime", Runtime, False),
+                                    ("activations", ActSpec, True), ("smoothquant", SmoothQuant, True)):
             v = getattr(self, name)
             if not (isinstance(v, cls) or (optional and v is None)):
                 raise ValueError(f"AWQConfig.{name} must be a {cls.__name__}{' or None' if optional else ''}, "
                                  f"got {type(v).__name__}")
+        if self.smoothquant is not None and self.scales is not None:
+            raise ConfigError("SmoothQuant's scales replace the AWQ scale search: a config has one or the other "
+                              "(AWQConfig.of(method='smoothquant') builds one)")
         _need_bool("AWQConfig", "quantize_head", self.quantize_head)
         for name in ("ignore", "only", "exclude_groups"):
             object.__setattr__(self, name, _need_patterns(name, getattr(self, name)))
@@ -287,25 +359,35 @@ class AWQConfig:
     def of(cls, method: str = "awq", clip: str = "minmax", quantize_head: bool = False, ignore: Any = (),
            only: Any = (), extra_groups: Any = (), exclude_groups: Any = (), **flat: Any) -> "AWQConfig":
         """A config from flat names (``FLAT_FIELDS``, as the CLI flags spell them): ``method`` is
-        ``"awq"`` or ``"rtn"`` (no searches); ``clip="none"`` skips the clip search; the target
-        fields (``ignore``, ``only``, ``extra_groups``, ``exclude_groups``) as in the class."""
-        if method not in ("awq", "rtn"):
-            raise ValueError(f"method must be 'awq' or 'rtn', got {method!r}")
+        ``"awq"``, ``"rtn"`` (no searches) or ``"smoothquant"`` (SmoothQuant's scales, ``sq_alpha``;
+        no clip search); ``clip="none"`` skips the clip search; ``act_bits`` (None: weight-only)
+        and ``act_granularity`` set the activation quantizer; the target fields (``ignore``,
+        ``only``, ``extra_groups``, ``exclude_groups``) as in the class."""
+        if method not in _METHODS:
+            raise ConfigError(f"method must be one of {', '.join(map(repr, _METHODS))}, got {method!r}")
         unknown = sorted(set(flat) - set(FLAT_FIELDS))
         if unknown:
             raise ValueError(f"unknown AWQConfig field(s): {', '.join(unknown)}")
-        parts: dict[str, dict[str, Any]] = {"weights": {}, "scales": {}, "clip": {}, "runtime": {}}
+        parts: dict[str, dict[str, Any]] = {"weights": {}, "scales": {}, "clip": {}, "runtime": {},
+                                            "activations": {}, "smoothquant": {}}
         for k, v in flat.items():
+            if v is None and FLAT_FIELDS[k][0] in ("activations", "smoothquant"):
+                continue  # not set: the part's default (or no part)
             part, name = FLAT_FIELDS[k]
             parts[part][name] = v
         if clip != "none":
             parts["clip"]["mode"] = clip
+        if parts["activations"] and "bits" not in parts["activations"]:
+            raise ConfigError(f"activation granularity {parts['activations']['granularity']!r} (--act-granularity) "
+                              "needs the activation bits (--act-bits 4..8)")
         searched = method == "awq"
         return cls(weights=QuantSpec(**parts["weights"]),
                    scales=ScaleSearch(**parts["scales"]) if searched else None,
                    clip=ClipSearch(**parts["clip"]) if searched and clip != "none" else None,
                    runtime=Runtime(**parts["runtime"]), quantize_head=quantize_head, ignore=ignore, only=only,
-                   extra_groups=extra_groups, exclude_groups=exclude_groups)
+                   extra_groups=extra_groups, exclude_groups=exclude_groups,
+                   activations=ActSpec(**parts["activations"]) if parts["activations"] else None,
+                   smoothquant=SmoothQuant(**parts["smoothquant"]) if method == "smoothquant" else None)
 
     def with_(self, **flat: Any) -> "AWQConfig":
         """A copy with some flat fields changed (``method``/``clip`` as in :meth:`of`)."""
@@ -314,13 +396,21 @@ class AWQConfig:
     # -- views --------------------------------------------------------------------------------
     @property
     def method(self) -> str:
-        """``"awq"`` when any search runs, ``"rtn"`` when none does."""
+        """``"smoothquant"`` with SmoothQuant's scales, else ``"awq"`` when any search runs, ``"rtn"``
+        when none does."""
+        if self.smoothquant is not None:
+            return "smoothquant"
         return "rtn" if self.scales is None and self.clip is None else "awq"
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether a search runs (and so calibration data is needed)."""
-        return self.scales is not None or self.clip is not None
+        """Whether a search runs or SmoothQuant's scales are computed (and so calibration data is needed)."""
+        return self.scales is not None or self.clip is not None or self.smoothquant is not None
+
+    @property
+    def scaled(self) -> bool:
+        """Whether the groups get scales (searched, or SmoothQuant's)."""
+        return self.scales is not None or self.smoothquant is not None
 
     @property
     def spec(self) -> QuantSpec:
@@ -371,7 +461,8 @@ class AWQConfig:
             known = set(FLAT_FIELDS) | {"method", "clip", "quantize_head", "ignore", "only", "extra_groups",
                                         "exclude_groups"}
             return cls.of(**{k: v for k, v in d.items() if k in known})
-        parts = {"weights": QuantSpec, "scales": ScaleSearch, "clip": ClipSearch, "runtime": Runtime}
+        parts = {"weights": QuantSpec, "scales": ScaleSearch, "clip": ClipSearch, "runtime": Runtime,
+                 "activations": ActSpec, "smoothquant": SmoothQuant}
         kw = {}
         for name, part in parts.items():
             v = d.get(name)

@@ -6,7 +6,7 @@ survives ``torch.export.export`` (also with a dynamic batch dim) and ``torch.exp
 ``.pt2`` must ``import awqfx.kernels`` first so the ops are registered.
 
 ``awqfx::int4_linear(Tensor x, Tensor packed_weight, Tensor scale_zeros, SymInt group_size,
-Tensor? bias=None) -> Tensor``
+Tensor? bias=None, SymInt dense_from=0, ScalarType dense_dtype=float32) -> Tensor``
     4-bit group-wise linear on PyTorch's built-in int4 ("tinygemm") kernels:
 
     * CPU:  ``aten._weight_int4pack_mm_for_cpu(x_bf16[M, K], packed_weight, group_size,
@@ -29,6 +29,12 @@ Tensor? bias=None) -> Tensor``
       fp32 activations with fp32 scale_zeros, but that path is a slow reference loop (measured
       ~30x slower than bf16 for decode, ~65x for prefill), so it is not used.
 
+    * Kernel choice (CPU): with ``dense_from > 0``, inputs of at least that many rows take the
+      dense path instead: the layer's weight is read back out of the kernel layout
+      (:func:`cpu_int4pack_layout` reads that layout from the running build), dequantized into a
+      reused ``[K, N]`` buffer of ``dense_dtype`` and multiplied with one dense matmul. Who sets
+      the threshold and dtype, and why: :mod:`awqfx.kernel_choice`.
+
 ``awqfx::dequant_linear(Tensor x, Tensor packed_qweight, Tensor scale, Tensor zero,
 SymInt bits, SymInt group_size, SymInt in_features, Tensor? bias=None) -> Tensor``
     Generic fallback for 2..8 bits, any group size (ragged last group, per-channel ``-1``),
@@ -41,6 +47,9 @@ SymInt bits, SymInt group_size, SymInt in_features, Tensor? bias=None) -> Tensor
 
 from __future__ import annotations
 
+import functools
+import threading
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -56,15 +65,23 @@ __all__ = [
     "pack_int4_scale_zeros",
     "int4pack_effective_weight",
     "int4pack_unpack_codes",
+    "LayoutRun",
+    "cpu_int4pack_layout",
+    "int4pack_codes_t",
+    "int4pack_dequantize_t",
+    "int4pack_matmul",
+    "dense_linear",
     "expand_groups",
     "dequantize_packed",
     "unpack_codes",
     "int4_linear",
+    "int4_linear_eager",
     "dequant_linear",
 ]
 
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
 _INT4PACK_DTYPE = torch.bfloat16  # activation / scale_zeros dtype used with the int4 kernels
+_MAX_LAYOUT_BLOCK = 256  # the CPU int4 layout's row blocks are 16..64 rows; larger is not that layout
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,10 +183,113 @@ def int4pack_effective_weight(
 def int4pack_unpack_codes(
     packed_weight: Tensor, group_size: int, in_features: int, out_features: int
 ) -> Tensor:
-    """Recover the integer codes ``q[N, K]`` from the kernel layout (scale 1, float zero 8)."""
-    unit = torch.tensor([1.0, 8.0], dtype=_INT4PACK_DTYPE, device=packed_weight.device)
-    unit = unit.expand(in_features // group_size, out_features, 2).contiguous()
-    return int4pack_effective_weight(packed_weight, unit, group_size, in_features).round().to(torch.int32)
+    """Recover the integer codes ``q[N, K]`` (int32) from the kernel layout."""
+    return int4pack_codes_t(packed_weight, group_size, in_features, out_features).t().to(torch.int32)
+
+
+@dataclass(frozen=True)
+class LayoutRun:
+    """``blocks`` consecutive row blocks of ``rows`` rows stored alike in the CPU int4 layout.
+
+    Each block holds, for every input column ``k``, ``rows / 2`` bytes; their low nibbles then
+    their high nibbles are that column's codes for the block's rows in the order ``order``
+    (``None``: rows in order), so ``codes[order[i]] = nibble[i]``.
+    """
+
+    blocks: int
+    rows: int
+    order: tuple[int, ...] | None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_int4pack_layout(out_features: int) -> tuple[LayoutRun, ...] | None:
+    """How ``_convert_weight_to_int4pack_for_cpu`` lays out ``out_features`` rows, or ``None``.
+
+    The layout depends on the CPU build (row blocks of 64 with AVX-512, 32 with AVX2, pairs of
+    adjacent rows in a 16-row tail or without vectors), so it is read, not assumed: three probes
+    of two columns whose codes are the row index's base-16 digits give, for every nibble of the
+    output, the row it holds; the nibble stream is then split into blocks (a block of ``r`` rows
+    is two runs of the same ``r`` rows, one per column). ``None`` when no such split exists.
+    """
+    n = out_features
+    rows = torch.arange(n, dtype=torch.int32)[:, None].expand(n, 2)
+    lo_rows = torch.zeros(n, dtype=torch.int64)
+    hi_rows = torch.zeros(n, dtype=torch.int64)
+    digit = 0
+    while 16**digit < n:
+        codes = (rows // 16**digit % 16).contiguous()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).view(-1).to(torch.int64)
+        lo_rows += (packed & 15) * 16**digit
+        hi_rows += (packed >> 4) * 16**digit
+        digit += 1
+    stream = torch.stack((lo_rows, hi_rows), -1).view(-1).tolist()  # the nibbles in memory order
+    runs: list[LayoutRun] = []
+    pos = row = 0
+    while pos < len(stream):
+        for size in range(2, min(n - row, _MAX_LAYOUT_BLOCK) + 1, 2):
+            first = stream[pos:pos + size]
+            if first == stream[pos + size:pos + 2 * size] and sorted(first) == list(range(row, row + size)):
+                break
+        else:
+            return None
+        pairs = torch.tensor(first).view(size // 2, 2) - row
+        slots = torch.cat((pairs[:, 0], pairs[:, 1]))
+        order = None if torch.equal(slots, torch.arange(size)) else tuple(slots.tolist())
+        if runs and (runs[-1].rows, runs[-1].order) == (size, order):
+            runs[-1] = LayoutRun(runs[-1].blocks + 1, size, order)
+        else:
+            runs.append(LayoutRun(1, size, order))
+        pos += 2 * size
+        row += size
+    return tuple(runs)
+
+
+def int4pack_codes_t(packed_weight: Tensor, group_size: int, in_features: int, out_features: int,
+                     out: Tensor | None = None) -> Tensor:
+    """The codes of an int4-kernel weight, transposed: ``[K, N]``, any integer or float dtype of ``out``.
+
+    CPU: read straight from the layout (:func:`cpu_int4pack_layout`). CUDA or an unknown CPU
+    layout: by running the kernel on an identity matrix with scale 1 and zero 8 (slow; for
+    saving, never per call).
+    """
+    k, n = in_features, out_features
+    layout = cpu_int4pack_layout(n) if packed_weight.device.type == "cpu" else None
+    if out is None:
+        out = torch.empty(k, n, dtype=torch.uint8, device=packed_weight.device)
+    if layout is None:
+        unit = torch.tensor([1.0, 8.0], dtype=_INT4PACK_DTYPE, device=packed_weight.device)
+        unit = unit.expand(k // group_size, n, 2).contiguous()
+        return out.copy_(int4pack_effective_weight(packed_weight, unit, group_size, k).round().t())
+    flat = packed_weight.view(-1)
+    byte = row = 0
+    for run in layout:
+        size = run.blocks * k * run.rows // 2
+        chunk = flat[byte:byte + size].view(run.blocks, k, run.rows // 2)
+        nibbles = torch.cat((chunk & 15, chunk >> 4), -1)  # [blocks, K, rows] in slot order
+        if run.order is not None:
+            nibbles = torch.empty_like(nibbles).index_copy_(-1, torch.tensor(run.order), nibbles)
+        out[:, row:row + run.blocks * run.rows].view(k, run.blocks, run.rows).copy_(nibbles.transpose(0, 1))
+        byte += size
+        row += run.blocks * run.rows
+    return out
+
+
+def int4pack_dequantize_t(packed_weight: Tensor, scale_zeros: Tensor, group_size: int, in_features: int,
+                          dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """The weight the int4 kernel multiplies by, transposed: ``[K, N]`` in ``dtype``.
+
+    ``(q - 8) * scale + zero`` with the kernel's own (bf16) ``scale_zeros``, computed in ``dtype``
+    (in float32 it is the kernel's weight before the kernel rounds to bf16). Writes into ``out``
+    when given, so a caller can reuse one buffer per shape.
+    """
+    n = scale_zeros.shape[1]
+    if out is None:
+        out = torch.empty(in_features, n, dtype=dtype, device=packed_weight.device)
+    int4pack_codes_t(packed_weight, group_size, in_features, n, out=out)
+    per_group = out.view(in_features // group_size, group_size, n)
+    sz = scale_zeros.to(dtype)
+    per_group.sub_(8).mul_(sz[:, None, :, 0]).add_(sz[:, None, :, 1])
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,36 +374,79 @@ def _flatten_input(x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("awqfx::int4_linear", mutates_args=())
-def int4_linear(
+def int4pack_matmul(x2: Tensor, packed_weight: Tensor, scale_zeros: Tensor, group_size: int) -> Tensor:
+    """The int4 kernel of ``x2``'s device on bf16 ``[M, K]`` rows; bf16 ``[M, N]``."""
+    if x2.device.type == "cpu":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed_weight, group_size, scale_zeros)
+    if x2.device.type == "cuda":
+        return torch.ops.aten._weight_int4pack_mm(x2, packed_weight, group_size, scale_zeros)
+    raise RuntimeError(f"awqfx::int4_linear: unsupported device {x2.device}")
+
+
+_scratch = threading.local()
+
+
+def _scratch_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """One reused buffer per (shape, dtype, device) and thread: layers of one shape share it."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (shape, dtype, device)
+    if key not in buffers:
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buffers[key]
+
+
+def dense_linear(x2: Tensor, packed_weight: Tensor, scale_zeros: Tensor, group_size: int,
+                 dtype: torch.dtype) -> Tensor:
+    """``x2 @ W.T`` by dequantizing the int4-kernel weight into a reused ``[K, N]`` buffer of
+    ``dtype`` (:func:`int4pack_dequantize_t`) and one dense matmul in ``dtype``."""
+    k, n = x2.shape[-1], scale_zeros.shape[1]
+    wt = _scratch_buffer((k, n), dtype, x2.device)
+    int4pack_dequantize_t(packed_weight, scale_zeros, group_size, k, dtype, out=wt)
+    return x2.to(dtype) @ wt
+
+
+def int4_linear_eager(
     x: Tensor,
     packed_weight: Tensor,
     scale_zeros: Tensor,
     group_size: int,
     bias: Optional[Tensor] = None,
+    dense_from: int = 0,
+    dense_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """``F.linear(x, W, bias)`` with ``W`` in PyTorch's int4 kernel layout (see module doc)."""
-    out_features = scale_zeros.shape[1]
-    x2 = _flatten_input(x).to(_INT4PACK_DTYPE).contiguous()
-    sz = scale_zeros.to(_INT4PACK_DTYPE).contiguous()  # no-op when already bf16
+    """The body of ``awqfx::int4_linear``, callable without the dispatcher: in eager decode the
+    custom op's Python dispatch costs more than the int4 kernel itself (about 90 us a call
+    against 60 us on SmolLM2's layers), so ``QuantLinear`` calls this directly unless a graph is
+    being captured."""
     if packed_weight.device != x.device:
         raise RuntimeError(
             f"awqfx::int4_linear: packed_weight on {packed_weight.device}, x on {x.device}"
         )
-    if x.device.type == "cpu":
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed_weight, group_size, sz)
-    elif x.device.type == "cuda":
-        y = torch.ops.aten._weight_int4pack_mm(x2, packed_weight, group_size, sz)
+    sz = scale_zeros if scale_zeros.dtype == _INT4PACK_DTYPE else scale_zeros.to(_INT4PACK_DTYPE)
+    x2 = _flatten_input(x)
+    if x2.dtype != _INT4PACK_DTYPE or not x2.is_contiguous():
+        x2 = x2.to(_INT4PACK_DTYPE).contiguous()
+    if 0 < dense_from <= x2.shape[0] and x.device.type == "cpu":
+        # same bf16 inputs and bf16 result as the kernel, so the choice does not change the numbers
+        y = dense_linear(x2, packed_weight, sz, group_size, dense_dtype).to(_INT4PACK_DTYPE)
     else:
-        raise RuntimeError(f"awqfx::int4_linear: unsupported device {x.device}")
-    y = y.to(x.dtype)
+        y = int4pack_matmul(x2, packed_weight, sz, group_size)
     if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y.reshape(*x.shape[:-1], out_features)
+        y = y.to(x.dtype) + bias.to(x.dtype)
+    elif y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.view(*x.shape[:-1], sz.shape[1])
+
+
+# ``F.linear(x, W, bias)`` with ``W`` in PyTorch's int4 kernel layout (see the module doc); with
+# ``dense_from > 0`` (CPU), inputs of that many rows or more take the dense path
+# (:mod:`awqfx.kernel_choice`). The op and :func:`int4_linear_eager` are one function.
+int4_linear = torch.library.custom_op("awqfx::int4_linear", mutates_args=())(int4_linear_eager)
 
 
 @int4_linear.register_fake
-def _int4_linear_fake(x, packed_weight, scale_zeros, group_size, bias=None):
+def _int4_linear_fake(x, packed_weight, scale_zeros, group_size, bias=None, dense_from=0, dense_dtype=torch.float32):
     torch._check(scale_zeros.dim() == 3, lambda: "scale_zeros must be [K/group, N, 2]")
     torch._check(
         x.shape[-1] == scale_zeros.shape[0] * group_size,

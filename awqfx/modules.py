@@ -7,8 +7,7 @@ packed integer codes plus per-group scales and zero points, and runs one of the
 
 Storage and device moves
 ------------------------
-The **source of truth** is the portable packing, held in persistent buffers (this is all that
-``state_dict`` contains besides an optional bias):
+``state_dict`` always holds the **portable packing** (besides an optional bias):
 
 * ``qweight``  int32 ``[out, ceil(in * bits / 32)]``: codes packed along ``in`` as one dense
   LSB-first bit stream per row (:func:`awqfx.packing.pack_int32`; the compressed-tensors
@@ -18,17 +17,17 @@ The **source of truth** is the portable packing, held in persistent buffers (thi
 * ``qzeros``   uint8 ``[out, n_groups]``: unsigned integer zero points (symmetric: ``2**(bits-1)``).
 * ``bias``     optional, float, follows the module's dtype casts like any buffer.
 
-When the ``int4pack`` backend is active, a **kernel cache** is derived from those buffers for the
-device they live on and kept in two *non-persistent* buffers (``_int4_weight``,
-``_int4_scale_zeros``; not in ``state_dict``, but captured by ``torch.export``). It is built when
-the module is created, rebuilt after every ``_apply`` that changes the device or the cache's
-dtype (``.to(device)``, ``.cuda()``, ``.cpu()``, ``.half()``, ``to_empty``...) and after
-``load_state_dict``; call :meth:`QuantLinear.refresh` after editing the buffers in place by hand.
-The CPU and CUDA int4 layouts differ, so moving CPU -> CUDA re-packs from ``qweight`` (not from
-the CPU layout). On a device without an int4 kernel (meta, mps, CUDA < sm80, or a layer the
-kernel can't take) the module falls back to the ``dequant`` path. The cache costs extra memory
-(about as much again as ``qweight`` plus a bf16 copy of scales/zeros); :meth:`weight_bytes`
-reports it.
+The module holds **one layout of the codes** at a time. On the ``dequant`` path it is
+``qweight``. When the ``int4pack`` backend is active it is the kernel's own layout for the
+device (``_int4_weight``, plus the kernel's bf16 ``_int4_scale_zeros``; non-persistent buffers,
+captured by ``torch.export``), and the ``qweight`` buffer is ``None``: ``state_dict`` (a
+post-hook), :meth:`QuantLinear.portable_qweight` and :meth:`QuantLinear.dequantize_weight` read
+the codes back out of the kernel layout. The kernel layout is built when the module is created,
+after ``load_state_dict`` and after every ``_apply`` (``.to(device)``, ``.cuda()``, ``.half()``,
+``to_empty``...): a move first restores ``qweight`` from the old layout, moves it, and packs
+again for the new device (the CPU and CUDA layouts differ). On a device without an int4 kernel
+(meta, mps, CUDA < sm80, or a layer the kernel can't take) the module keeps ``qweight`` and runs
+the ``dequant`` path. :meth:`weight_bytes` reports what is resident.
 
 A ``.pt2`` exported with the int4pack backend holds the device-specific layout: export on the
 device you will run on, or use ``backend="dequant"`` for a device-portable program.
@@ -42,9 +41,18 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from awqfx import kernels  # noqa: F401  (registers torch.ops.awqfx.*)
+from awqfx import (
+    kernel_choice,
+    kernels,  # noqa: F401  (registers torch.ops.awqfx.*)
+)
 from awqfx.kernels import (
-    dequantize_packed, int4pack_layer_supported, int4pack_supported, pack_int4_scale_zeros, pack_int4_weight,
+    dequantize_packed,
+    int4_linear_eager,
+    int4pack_codes_t,
+    int4pack_layer_supported,
+    int4pack_supported,
+    pack_int4_scale_zeros,
+    pack_int4_weight,
     unpack_codes,
 )
 from awqfx.packing import pack_int32, packed_length
@@ -56,8 +64,31 @@ _BACKENDS = ("auto", "int4pack", "dequant")
 _SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
+def _capturing() -> bool:
+    """A graph is being captured (torch.export / torch.compile / FX / TorchScript tracing): the
+    kernels must appear as the ``awqfx::`` custom ops then, not as the ops inside them."""
+    return torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.jit.is_tracing()
+
+
+# module-level hooks (not lambdas) so the module stays picklable
+
+
+def _add_portable_codes(module: "QuantLinear", state_dict, prefix: str, local_metadata) -> None:
+    """``state_dict`` holds the portable codes whichever layout is resident."""
+    if module.qweight is None:
+        state_dict[prefix + "qweight"] = module.portable_qweight()
+
+
+def _make_room_for_codes(module: "QuantLinear", state_dict, prefix: str, *args) -> None:
+    """Loading ``qweight`` into a module that holds the kernel layout: give it a buffer again."""
+    if module.qweight is None and prefix + "qweight" in state_dict:
+        module.qweight = torch.empty(
+            module.out_features, packed_length(module.in_features, module.bits), dtype=torch.int32,
+            device=module.scales.device,
+        )
+
+
 def _rebuild_after_load(module: "QuantLinear", incompatible_keys) -> None:
-    # module-level (not a lambda) so the module stays picklable
     module.refresh()
 
 
@@ -122,7 +153,11 @@ class QuantLinear(nn.Module):
         self._int4_device: Optional[torch.device] = None
         self._active = "dequant"
         self._warned = False
+        self._dense_from = 0
+        self._dense_dtype = torch.float32
         # the kernel cache is built by from_quantized / load_state_dict / device moves / refresh()
+        self.register_state_dict_post_hook(_add_portable_codes)
+        self._register_load_state_dict_pre_hook(_make_room_for_codes, with_module=True)
         self.register_load_state_dict_post_hook(_rebuild_after_load)
 
     # ---------------------------------------------------------------------------------------
@@ -183,8 +218,8 @@ class QuantLinear(nn.Module):
         return self._active
 
     def refresh(self, force: bool = True) -> None:
-        """(Re)build the device-specific kernel cache from the portable buffers."""
-        dev = self.qweight.device
+        """(Re)build the device-specific kernel layout; it then replaces the portable codes."""
+        dev = self.scales.device
         if self.backend == "dequant":
             ok, reason = False, "backend='dequant'"
         elif dev.type == "meta":
@@ -197,6 +232,7 @@ class QuantLinear(nn.Module):
             if self.backend == "int4pack" and dev.type != "meta" and not self._warned:
                 warnings.warn(f"QuantLinear: int4pack unavailable ({reason}); using dequant", stacklevel=3)
                 self._warned = True
+            self.qweight = self.portable_qweight()
             self._int4_weight = None
             self._int4_scale_zeros = None
             self._int4_device = None
@@ -211,13 +247,28 @@ class QuantLinear(nn.Module):
         )
         if force or not cached:
             with torch.no_grad():
-                q = unpack_codes(self.qweight, self.bits, self.in_features)
+                q = unpack_codes(self.portable_qweight(), self.bits, self.in_features)
                 self._int4_weight = pack_int4_weight(q, dev)
                 self._int4_scale_zeros = pack_int4_scale_zeros(self.scales, self.qzeros)
             self._int4_device = dev
+        self.qweight = None  # one resident layout: the kernel's (state_dict derives the codes)
+        chosen = kernel_choice.choice(self.out_features, self.in_features, self.group_size, dev)
+        self._dense_from = chosen.dense_from or 0
+        self._dense_dtype = getattr(torch, chosen.dense_dtype)
         self._active = "int4pack"
 
+    def portable_qweight(self) -> Tensor:
+        """The portable int32 packing of the codes (``qweight``), derived from the kernel
+        layout when that is the one held."""
+        if self.qweight is not None:
+            return self.qweight
+        codes = int4pack_codes_t(self._int4_weight, self.group_size, self.in_features, self.out_features)
+        return pack_int32(codes.t(), self.bits, dim=-1).contiguous()
+
     def _apply(self, fn, recurse: bool = True):
+        if self.qweight is None:  # a move re-packs for the new device from the portable codes
+            self.qweight = self.portable_qweight()
+            self._int4_weight = None
         scales = self.scales
         super()._apply(fn, recurse)
         if self.scales is not None and self.scales.dtype != torch.float32 and scales.dtype == torch.float32:
@@ -232,9 +283,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._active == "int4pack":
-            return torch.ops.awqfx.int4_linear(
-                x, self._int4_weight, self._int4_scale_zeros, self.group_size, self.bias
-            )
+            args = (x, self._int4_weight, self._int4_scale_zeros, self.group_size, self.bias, self._dense_from,
+                    self._dense_dtype)
+            if _capturing():
+                return torch.ops.awqfx.int4_linear(*args)
+            return int4_linear_eager(*args)  # same code, without the custom op's dispatch cost
         return torch.ops.awqfx.dequant_linear(
             x,
             self.qweight,
@@ -249,17 +302,14 @@ class QuantLinear(nn.Module):
     def dequantize_weight(self) -> Tensor:
         """The exact fp32 weight ``(q - zero) * scale`` (== ``QuantizedWeight.dequantize()``)."""
         return dequantize_packed(
-            self.qweight, self.scales, self.qzeros, self.bits, self.group_size, self.in_features
+            self.portable_qweight(), self.scales, self.qzeros, self.bits, self.group_size, self.in_features
         )
 
-    def weight_bytes(self, include_kernel_cache: bool = True) -> int:
-        """Resident bytes of the packed weight buffers (qweight, scales, qzeros, and the int4
-        kernel cache unless ``include_kernel_cache=False``); the bias is not counted."""
-        names = ["qweight", "scales", "qzeros"]
-        if include_kernel_cache:
-            names += ["_int4_weight", "_int4_scale_zeros"]
+    def weight_bytes(self) -> int:
+        """Resident bytes of the packed weight (the codes in whichever layout is held, scales,
+        zero points, and the int4 kernel's bf16 scale/zeros); the bias is not counted."""
         total = 0
-        for name in names:
+        for name in ("qweight", "_int4_weight", "scales", "qzeros", "_int4_scale_zeros"):
             t = getattr(self, name)
             if t is not None:
                 total += t.numel() * t.element_size()

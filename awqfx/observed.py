@@ -42,6 +42,10 @@ class ObservedGraph:
         """Per-channel ``mean |x|`` of activation node ``node`` over all calibration tokens."""
         return self.mean_observers[node].mean()
 
+    def x_max(self, node: str) -> torch.Tensor:
+        """Per-channel ``max |x|`` of activation node ``node`` over all calibration tokens."""
+        return self.mean_observers[node].max()
+
     def loss_inputs(self) -> dict[str, Any]:
         """The recorded loss sample: graph input name -> first ``loss_samples`` rows."""
         return {name: obs.sample() for name, obs in self.sample_observers.items()}

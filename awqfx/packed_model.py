@@ -184,7 +184,7 @@ def pack_model(
         dev = module.weight.device
         qw_dev = qw if qw.q.device == dev or dev.type == "meta" else _to_device(qw, dev)
         ql = QuantLinear.from_quantized(qw_dev, bias=None if bias is None else bias.detach(), backend=backend)
-        if ql.qweight.device != dev and dev.type != "meta":
+        if ql.scales.device != dev and dev.type != "meta":
             ql = ql.to(dev)
         built.append((module, ql))
     parents = parent_map(model)
@@ -210,7 +210,7 @@ def packed_modules(model: nn.Module) -> dict[str, QuantLinear]:
 def quantized_weight_of(module: QuantLinear) -> QuantizedWeight:
     """The :class:`QuantizedWeight` held by a ``QuantLinear`` (codes unpacked, scales fp32)."""
     spec = QuantSpec(bits=int(module.bits), group_size=int(module.group_size), symmetric=bool(module.symmetric))
-    q = unpack_int32(module.qweight.detach().to(torch.int32), spec.bits, int(module.in_features), dim=-1)
+    q = unpack_int32(module.portable_qweight().detach().to(torch.int32), spec.bits, int(module.in_features), dim=-1)
     return QuantizedWeight(
         q=q,
         scale=module.scales.detach().to(torch.float32),
@@ -232,13 +232,11 @@ def _storage_key(t: torch.Tensor) -> tuple:
     return (t.device, t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t), t.storage_offset())
 
 
-def packed_weight_bytes(
-    model: nn.Module, include_kernel_cache: bool = True, include_unquantized: bool = True
-) -> int:
+def packed_weight_bytes(model: nn.Module, include_unquantized: bool = True) -> int:
     """Resident bytes of the model's linear weights as they are now.
 
-    Each ``QuantLinear`` counts its packed buffers (``qweight``, ``scales``, ``qzeros``, plus the
-    int4 kernel cache when present and ``include_kernel_cache``); with ``include_unquantized``
+    Each ``QuantLinear`` counts its resident packed buffers (:meth:`QuantLinear.weight_bytes`);
+    with ``include_unquantized``
     every other linear-like float weight (``nn.Linear``, 2-D-weight modules such as GPT-2's
     ``Conv1D``; not embeddings) counts at its own dtype, each storage once (a tied ``lm_head``
     is counted once). Biases are not counted. On an unpacked model this equals
@@ -248,7 +246,7 @@ def packed_weight_bytes(
     seen: set[tuple] = set()
     for _name, m in model.named_modules():
         if isinstance(m, QuantLinear):
-            total += m.weight_bytes(include_kernel_cache=include_kernel_cache)
+            total += m.weight_bytes()
         elif include_unquantized and _is_linear_like(m):
             w = m.weight
             key = _storage_key(w)

@@ -2,8 +2,8 @@
 
 A plan holds, per scale group, the scale vector and everything needed to fold it (the producer
 and the consumers' column maps, so applying never needs discovery again); per quantizable
-weight, its :class:`~awqfx.quant.QuantSpec`, the dim its groups run along and the clip range
-found by the search (absolute ``max_val``/``min_val`` per (row, group) of the *folded* weight, or
+weight, its :class:`~awqfx.quant.QuantSpec`, its activation quantizer (:class:`~awqfx.config.ActSpec`,
+weight-activation mode only), the dim its groups run along and the clip range found by the search (absolute ``max_val``/``min_val`` per (row, group) of the *folded* weight, or
 none); the config it was made with; and metadata (version, time per stage, losses).
 
 ``plan.save(dir)`` writes ``plan.json`` + ``plan.safetensors`` (no pickle); ``AWQPlan.load(dir)``
@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from awqfx.config import ActSpec
 from awqfx.groups import Consumer, Producer, ScaleGroup
 from awqfx.params import get_param, input_scales_of, rows_view
 from awqfx.quant import QuantSpec, quantize_weight
@@ -48,13 +49,16 @@ class GroupPlan:
 @dataclass
 class WeightPlan:
     """How one weight is quantized. ``max_val``/``min_val``: ``[..., out, n_groups]`` clip range in
-    the weight's rows view (input dim last), or None for the weight's own group min/max."""
+    the weight's rows view (input dim last), or None for the weight's own group min/max. ``act``:
+    the input activations of the linears reading it are quantized too (weight-activation mode),
+    or None (weight-only)."""
 
     spec: QuantSpec
     in_dim: int
     max_val: torch.Tensor | None = None
     min_val: torch.Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    act: ActSpec | None = None
 
 
 @dataclass
@@ -69,6 +73,11 @@ class AWQPlan:
     def scales(self) -> dict[str, torch.Tensor]:
         """``{producer label: full scale vector}``."""
         return {g.name: g.scale for g in self.groups}
+
+    @property
+    def activations(self) -> dict[str, ActSpec]:
+        """``{weight: ActSpec}`` of the weights whose linears quantize their input activations."""
+        return {name: wp.act for name, wp in self.weights.items() if wp.act is not None}
 
     @property
     def input_scales(self) -> dict[str, torch.Tensor]:
@@ -128,6 +137,8 @@ class AWQPlan:
             entry = {"bits": wp.spec.bits, "group_size": wp.spec.group_size, "symmetric": wp.spec.symmetric,
                      "scheme": wp.spec.scheme, "in_dim": wp.in_dim, "clip": wp.max_val is not None,
                      "info": _jsonable(wp.info)}
+            if wp.act is not None:
+                entry["act"] = asdict(wp.act)
             if wp.max_val is not None:
                 tensors[f"weight.{name}.max_val"] = wp.max_val.detach().float().cpu().contiguous()
                 tensors[f"weight.{name}.min_val"] = wp.min_val.detach().float().cpu().contiguous()
@@ -159,7 +170,8 @@ class AWQPlan:
             spec = QuantSpec(int(wd["bits"]), int(wd["group_size"]), bool(wd["symmetric"]), wd.get("scheme", "int"))
             mx = tensors.get(f"weight.{name}.max_val") if wd.get("clip") else None
             mn = tensors.get(f"weight.{name}.min_val") if wd.get("clip") else None
-            weights[name] = WeightPlan(spec, int(wd["in_dim"]), mx, mn, wd.get("info", {}))
+            act = ActSpec(**wd["act"]) if wd.get("act") else None
+            weights[name] = WeightPlan(spec, int(wd["in_dim"]), mx, mn, wd.get("info", {}), act)
         return cls(groups, weights, doc.get("config", {}), doc.get("metadata", {}))
 
 

@@ -368,10 +368,9 @@ def clamp_to_range(w: Tensor, spec: QuantSpec, max_val: Tensor | None = None,
     either may be None: that side is left as is), not quantized; returns ``w``'s dtype and shape.
 
     Where the range lies inside the group's own ``[min, max]`` (every range the clip search
-    finds, except on the zero side of a group whose weights all share one sign), the clamped
-    group's min/max *are* the range, so :func:`compute_qparams` of the clamped weight returns the
-    qparams the range gives the unclamped one. The bounds are float32; in a half-precision ``w``
-    a clamped value is the bound rounded to that dtype.
+    finds), the clamped group's min/max *are* the range, so :func:`compute_qparams` of the
+    clamped weight returns the qparams the range gives the unclamped one. The bounds are
+    float32; in a half-precision ``w`` a clamped value is the bound rounded to that dtype.
     """
     if max_val is None and min_val is None:
         return w

@@ -42,8 +42,8 @@ from awqfx.apply import apply_plan
 from awqfx.calibrate import loss_sample_order
 from awqfx.capture import capture
 from awqfx.checkpoint import Checkpoint
-from awqfx.config import AWQConfig, ConfigError, fast_half_matmul
-from awqfx.formats import FormatError, format_module, weights_mode
+from awqfx.config import AWQConfig, fast_half_matmul
+from awqfx.formats import FormatError, format_modes, format_module, weights_mode
 from awqfx.formats.common import (
     alias_groups, build_skeleton, checkpoint_dir, config_dict, dedupe_state, unquantized_linears, write_extras,
 )
@@ -322,7 +322,7 @@ def _to_meta(model: nn.Module, block: Block, aliases: dict[str, list[str]]) -> N
     """Put the block's tensors in ``model`` back on meta; packed modules become meta shells."""
     parents = parent_map(model)
     for prefix, m in packed_modules(model).items():
-        if m.qweight.device.type == "meta":
+        if m.scales.device.type == "meta":
             continue
         shell = QuantLinear(m.in_features, m.out_features, bits=m.bits, group_size=m.group_size,
                             bias=m.bias is not None, symmetric=bool(m.symmetric), device="meta",
@@ -438,6 +438,9 @@ def quantize_sequential(
     out = Path(out)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if "sequential" not in format_modes(fmt):
+        raise FormatError(f"format {fmt!r} is written from the whole model, not block by block: quantize it whole "
+                          "(awqfx quantize --mode whole)")
     device = torch.device(cfg.runtime.device or "cpu")
     if sm.targets is None or sm.targets.selection != cfg.selection():
         raise TargetError("the model was opened for other targets (ignore / only / extra_groups / exclude_groups) "
@@ -449,13 +452,6 @@ def quantize_sequential(
         log.warning("search: loss_samples=%d asked for, %d available: calibration had only %d sequences",
                     cfg.runtime.loss_samples, calib.shape[0], calib.shape[0])
         cfg = cfg.with_(loss_samples=int(calib.shape[0]))
-    rt = cfg.runtime
-    if cfg.needs_calibration and rt.loss_samples < calib.shape[0] and rt.loss_samples % rt.batch_size:
-        # a loss sample that ends inside a batch gives the block searches inputs of two batch sizes
-        raise ConfigError(f"block by block, the loss sample must be whole calibration batches: loss_samples="
-                          f"{rt.loss_samples} is not a multiple of batch_size={rt.batch_size}; use --loss-samples "
-                          f"{max(rt.batch_size, rt.loss_samples // rt.batch_size * rt.batch_size)} or --batch-size "
-                          f"that divides it, or --mode whole")
     needed = _needed_after(sm.blocks)
     (inp,) = [n.name for n in sm.gm.graph.nodes if n.op == "placeholder"]
     rows = torch.arange(calib.shape[0])

@@ -164,12 +164,40 @@ def _on_device(x: Any, device: torch.device) -> Any:
     return x
 
 
+def _size_source(size: Any, tensors: list[fx.Node]) -> tuple[fx.Node, int] | None:
+    """``(tensor input, dim)`` whose traced size is the symbolic size ``size``, or None (a static
+    size, or one no tensor input has)."""
+    if not isinstance(size, torch.SymInt):
+        return None
+    for node in tensors:
+        for dim, d in enumerate(node.meta["val"].shape):
+            if isinstance(d, torch.SymInt) and str(d) == str(size):
+                return node, dim
+    return None
+
+
+def _read_sizes_from_tensors(g: fx.Graph, inputs: dict[fx.Node, fx.Node]) -> None:
+    """Point ``inputs`` (source node -> block placeholder) that are symbolic sizes crossing into
+    the block (the batch size, the sequence length) at the size of a tensor input that has it,
+    read in the block. The placeholder stays, unread: the block computes its sizes from its
+    tensors, as the whole graph does from its token ids, so it runs on any number of rows of them
+    -- the search's loss sample, which may end inside a calibration batch, included."""
+    tensors = [ph for ph in inputs.values() if isinstance(ph.meta.get("val"), torch.Tensor)]
+    for src, ph in list(inputs.items()):
+        found = _size_source(ph.meta.get("val"), tensors)
+        if found is not None:
+            size = g.call_function(torch.ops.aten.sym_size.int, found)
+            size.meta = dict(ph.meta)
+            inputs[src] = size
+
+
 def block_module(gm: fx.GraphModule, block: Block, device: torch.device | str = "cpu") -> fx.GraphModule:
     """``block`` as a standalone GraphModule: ``(*values of block.inputs) -> tuple(values of block.outputs)``.
 
     Its parameters are ``gm``'s tensors under the same FQNs (shared, not copied). A graph captured
     on the ``meta`` device creates its tensors (positions, masks) there: those ops create them on
-    ``device`` instead.
+    ``device`` instead. A symbolic size among the inputs is read from a tensor input that has it
+    (:func:`_read_sizes_from_tensors`).
     """
     by_name = {n.name: n for n in gm.graph.nodes}
     g = fx.Graph()
@@ -179,6 +207,7 @@ def block_module(gm: fx.GraphModule, block: Block, device: torch.device | str = 
         ph = g.placeholder(name)
         ph.meta = dict(src.meta)
         env[src] = ph
+    _read_sizes_from_tensors(g, env)
     for target in [*block.params, *block.buffers]:
         src = next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target)
         env[src] = g.get_attr(target)

@@ -5,7 +5,9 @@ An ``activation`` scale group (GELU/SiLU between two linears) has no parameter t
 has one representation of these factors: ``{consumer weight FQN: per-input-column factor}``
 (``AWQPlan.input_scales``). This pass puts them into a graph as a ``mul`` by a buffer right
 before each linear op that reads the weight; the module-tree applier puts the same factors into
-forward pre-hooks, and the native format stores them next to the packed weight.
+forward pre-hooks, and the native format stores them next to the packed weight. Where the linear
+reads its input through an activation quantizer (:mod:`awqfx.passes.act_quantizers`), the ``mul``
+goes before the quantizer: the scaled activation is what is quantized.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from awqfx.graph import example_value, linear_op, shape_of
+from awqfx.passes.act_quantizers import float_input, quantizer_of
 
 __all__ = ["insert_input_scales", "input_scale_attr", "InputScaleError"]
 
@@ -50,28 +53,30 @@ def insert_input_scales(gm: fx.GraphModule, scales: Mapping[str, torch.Tensor]) 
         attr = attrs[w] = input_scale_attr(w)
         unscaled = [n for n in nodes if not _reads_scaled_input(gm, n, attr)]
         for node in unscaled:
-            width = (shape_of(linear_op(gm, node).data) or (None,))[-1]
+            width = (shape_of(float_input(gm, node)) or (None,))[-1]
             if width != scales[w].numel():
                 raise InputScaleError(f"input scale of {w} has {scales[w].numel()} entries but its linear op "
                                       f"{node.name} reads {width} input channels")
         like = getattr(gm, attr, None)
         if like is None:
-            like = example_value(linear_op(gm, nodes[0]).data)
+            like = example_value(float_input(gm, nodes[0]))
         gm.register_buffer(attr, scales[w].detach().to(device=getattr(like, "device", "cpu"),
                                                        dtype=getattr(like, "dtype", torch.float32)))
         for node in unscaled:
-            data = linear_op(gm, node).data
-            with gm.graph.inserting_before(node):
+            data = float_input(gm, node)
+            reader = quantizer_of(gm, node) or node
+            with gm.graph.inserting_before(reader):
                 buf = gm.graph.get_attr(attr)
                 scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (data, buf))
             buf.meta["val"] = getattr(gm, attr)
             scaled.meta = dict(data.meta)
-            node.replace_input_with(data, scaled)
+            reader.replace_input_with(data, scaled)
     gm.recompile()
     return attrs
 
 
 def _reads_scaled_input(gm: fx.GraphModule, node: fx.Node, attr: str) -> bool:
-    """The linear op already reads ``mul(x, <attr>)``: only the buffer needs to change."""
-    data = linear_op(gm, node).data
+    """The linear op already reads ``mul(x, <attr>)`` (through its activation quantizer, if any):
+    only the buffer needs to change."""
+    data = float_input(gm, node)
     return data.op == "call_function" and len(data.args) == 2 and getattr(data.args[1], "target", None) == attr

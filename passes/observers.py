@@ -4,7 +4,8 @@ Two observers:
 
 - :class:`MeanAbsObserver` after every consumer *input* node (the activation a group's
   linears multiply): per-channel ``mean |x|`` over **all** calibration tokens, accumulated in
-  float64 (fp32 inputs), with a NaN/Inf check that names the node and the groups it serves.
+  float64 (fp32 inputs), with a NaN/Inf check that names the node and the groups it serves, and
+  per-channel ``max |x|`` (SmoothQuant's statistic).
 - :class:`SampleObserver` after every (non-parameter) graph input: the first ``loss_samples``
   sequences, kept as the model's own inputs (token ids). The search replays them through the
   graph group by group (``awqfx.search.replay``), so every loss-region input, every extra tensor a region
@@ -32,7 +33,7 @@ class NonFiniteActivationError(FloatingPointError, ValueError):
 
 
 class MeanAbsObserver(nn.Module):
-    """Accumulates ``sum |x|`` per last-dim channel and the token count."""
+    """Accumulates ``sum |x|`` and ``max |x|`` per last-dim channel, and the token count."""
 
     _is_impure = True  # keep through dead-code elimination (it has no users)
 
@@ -41,6 +42,7 @@ class MeanAbsObserver(nn.Module):
         self.node = node
         self.serves = list(serves)
         self.sum: torch.Tensor | None = None
+        self.amax: torch.Tensor | None = None  # float32 max |x| per channel
         self.count = 0
         self.batches = 0
         # per-batch sums, kept instead of added while one rank of a distributed run calibrates its
@@ -63,6 +65,9 @@ class MeanAbsObserver(nn.Module):
             self.partials.append(s)
         else:
             self.sum = s if self.sum is None else self.sum + s
+        m = xf.abs().amax(0).float() if xf.shape[0] else None
+        if m is not None:
+            self.amax = m if self.amax is None else torch.maximum(self.amax, m)
         self.count += xf.shape[0]
         self.batches += 1
         return None
@@ -71,6 +76,11 @@ class MeanAbsObserver(nn.Module):
         if self.sum is None or self.count == 0:
             raise RuntimeError(f"observer at {self.node!r} has seen no data; run awqfx.api.calibrate first")
         return (self.sum / self.count).float().cpu()
+
+    def max(self) -> torch.Tensor:
+        if self.amax is None:
+            raise RuntimeError(f"observer at {self.node!r} has seen no data; run awqfx.api.calibrate first")
+        return self.amax.float().cpu()
 
     def extra_repr(self) -> str:
         return f"node={self.node!r}, tokens={self.count}"

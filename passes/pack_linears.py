@@ -6,7 +6,11 @@ quantize=False)``); each planned 2-D weight is quantized with the plan's clip ra
 its linear-like node (``linear``, GPT-2 ``addmm``, ``x @ W.T``) becomes a ``call_module`` of a
 ``QuantLinear``. The float weight is dropped from the module. The result re-exports with
 ``torch.export`` (the kernels are ``torch.library`` custom ops with fake implementations).
-3-D MoE expert weights have no packed kernel and stay as (fake-quantized) floats.
+A weight whose plan quantizes its input activations too (``WeightPlan.act``) becomes an
+:class:`~awqfx.int8_linear.Int8Linear` instead (``awqfx::int8_linear``: the input is quantized at
+run time and multiplied in int8), which replaces the linear node and its activation quantizer
+node, if the graph has one. 3-D MoE expert weights have no packed kernel and stay as
+(fake-quantized) floats.
 """
 from __future__ import annotations
 
@@ -14,8 +18,10 @@ import torch
 import torch.fx as fx
 
 from awqfx.graph import linear_op
+from awqfx.int8_linear import Int8Linear
 from awqfx.modules import QuantLinear
 from awqfx.params import get_param
+from awqfx.passes.act_quantizers import float_input, quantizer_of
 
 __all__ = ["pack_linears"]
 
@@ -27,7 +33,8 @@ def _drop_param(gm: fx.GraphModule, name: str) -> None:
 
 
 def pack_linears(gm: fx.GraphModule, plan, backend: str = "auto") -> fx.GraphModule:
-    """Replace every planned 2-D linear weight of ``gm`` (in place) by a packed ``QuantLinear``; returns ``gm``."""
+    """Replace every planned 2-D linear weight of ``gm`` (in place) by a packed ``QuantLinear`` (an
+    ``Int8Linear`` when its plan quantizes activations); returns ``gm``."""
     packed: dict[str, str] = {}
     for node in list(gm.graph.nodes):
         lin = linear_op(gm, node)
@@ -38,16 +45,24 @@ def pack_linears(gm: fx.GraphModule, plan, backend: str = "auto") -> fx.GraphMod
             continue
         if len(lin.data.meta.get("val", torch.empty(0, 0)).shape) < 1:
             continue
+        wp = plan.weights[lin.weight.name]
         qw = plan.quantized_weight(gm, lin.weight.name)
         bias = get_param(gm, lin.bias.name).detach() if lin.bias is not None else None
-        ql = QuantLinear.from_quantized(qw, bias, backend=backend).to(w.device)
+        if wp.act is not None:
+            ql = Int8Linear.from_quantized(qw, wp.act, bias).to(w.device)
+        else:
+            ql = QuantLinear.from_quantized(qw, bias, backend=backend).to(w.device)
         mod_name = "awqfx_packed_" + lin.weight.name.replace(".", "_")
         gm.add_submodule(mod_name, ql)
+        quantizer, data = quantizer_of(gm, node), float_input(gm, node)
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(mod_name, (lin.data,))
+            new = gm.graph.call_module(mod_name, (data if wp.act is not None else lin.data,))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
+        if quantizer is not None and wp.act is not None and not quantizer.users:  # the module quantizes its input
+            gm.graph.erase_node(quantizer)
+            delattr(gm, quantizer.target)
         packed[lin.weight.name] = mod_name
         if lin.bias is not None:
             packed[lin.bias.name] = mod_name

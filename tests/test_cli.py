@@ -230,15 +230,21 @@ def test_bench_prints_table(tiny_dir, tmp_path, capsys):
     import json
 
     js = tmp_path / "b.json"
-    assert main(["bench", str(tiny_dir), "--group-size", "32", "--prompt-len", "8", "--new-tokens", "2",
-                 "--repeats", "1", "--json", str(js)]) == 0
+    assert main(["bench", str(tiny_dir), "--group-size", "64", "--prompt-lens", "8,16", "--batches", "1,2",
+                 "--new-tokens", "2", "--repeats", "1", "--json", str(js)]) == 0
     res = json.loads(js.read_text())
     names = [r["model"] for r in res["rows"]]
-    assert names[:2] == ["fp32", "bf16"] and "packed" in names[2]
-    packed = res["rows"][2]
-    assert packed["quantized_layers_vs_bf16"] < 0.35
-    assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in res["rows"])
-    assert "decode tok/s" in capsys.readouterr().out
+    assert names == ["fp32", "bf16", "int4 packed (bf16 rest)", "int4 packed (fp32 rest)"]
+    for packed in res["rows"][2:]:
+        assert packed["quantized_layers_vs_bf16"] < 0.35
+        assert set(packed["kernels"].values()) == {"int4 kernel"}  # the tests pin the kernel choice
+    assert all(set(r["prefill_tok_s"]) == {"8", "16"} and set(r["decode_tok_s"]) == {"1", "2"} for r in res["rows"])
+    assert all(min(r["prefill_tok_s"].values()) > 0 and min(r["decode_tok_s"].values()) > 0 for r in res["rows"])
+    out = capsys.readouterr().out
+    assert "prefill 16" in out and "decode b2" in out and "int4 layers: 64x64g64: int4 kernel" in out
+    with pytest.raises(SystemExit, match="2"):
+        main(["bench", str(tiny_dir), "--prompt-lens", "8,0"])
+    assert "expected positive integers separated by commas, got '8,0'" in capsys.readouterr().err
 
 
 def test_seq_len_beyond_the_models_positions_is_refused_before_work(tiny_dir, tmp_path, capsys, no_calibration):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import build, token_ids
 from torch import nn
 
+from awqfx.config import ActSpec
 from awqfx.export import (
     PLAN_SUBDIR,
     QuantizedFileError,
@@ -23,6 +24,8 @@ from awqfx.export import (
     load_quantized,
     save_quantized,
 )
+from awqfx.formats import load_written
+from awqfx.int8_linear import Int8Linear, pack_int8_model
 from awqfx.modules import QuantLinear
 from awqfx.packed_model import fp_weight_bytes, pack_model, packed_weight_bytes, quantized_weight_of
 from awqfx.quant import QuantizedWeight, QuantSpec, quantize_weight
@@ -308,6 +311,33 @@ def test_compressed_tensors_export_decompresses_with_the_package(tmp_path, spec)
     assert set(back) == set(qws)
     for fqn, qw in back.items():
         assert torch.equal(qw.dequantize(), qws[fqn].dequantize())
+
+
+@pytest.mark.parametrize("act", [None, ActSpec(8, "per-token")], ids=["pack-quantized", "int-quantized"])
+def test_compressed_tensors_loads_back_as_the_packed_model(tmp_path, act):
+    """The format's reader (what ``--eval`` of a block-by-block run evaluates) rebuilds the packed
+    model: qwen2's linear biases kept, W8A8 int-quantized layers as ``Int8Linear`` quantizing their inputs."""
+    model = build("qwen2")
+    qws, in_dims = _quantize_all(model, ASYM4 if act is None else QuantSpec(8, -1, True))
+    if act is None:
+        pack_model(model, qws, in_dims)
+    else:
+        pack_int8_model(model, qws, {fqn: act for fqn in qws}, in_dims)
+    d = save_quantized(model, tmp_path / "ct", fmt="compressed-tensors")
+    loaded = load_written("compressed-tensors", d, torch.float32)
+    packed_type = QuantLinear if act is None else Int8Linear
+    assert sorted(f"{n}.weight" for n, m in loaded.named_modules() if isinstance(m, packed_type)) == sorted(qws)
+    assert loaded.model.layers[0].self_attn.q_proj.bias is not None
+    assert torch.equal(_logits(loaded), _logits(model))
+
+
+def test_compressed_tensors_reader_refuses_a_config_that_does_not_match_the_file(tmp_path):
+    model, _, _ = _packed("llama")
+    d = save_quantized(model, tmp_path / "ct", fmt="compressed-tensors")
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    with pytest.raises(QuantizedFileError, match=r"does not match.*mlp.up_proj \(\[out, in\] = \[96, 64\]\) is not an"):
+        load_written("compressed-tensors", d, torch.float32)
 
 
 def test_compressed_tensors_refuses_ragged_groups(tmp_path):

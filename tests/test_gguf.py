@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 import torch
 from tiny_models import VOCAB, build, save_model_dir, token_ids
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from awqfx.app import cli
 from awqfx.app.cli import main
+from awqfx.app.evaluate import perplexity, windows_for_eval
+from awqfx.app.jobs import Report
 from awqfx.apply import apply_plan
 from awqfx.formats import check_format, save_quantized
 from awqfx.formats.common import Layer
-from awqfx.formats.gguf import GGUF_NAME, ggml_type
+from awqfx.formats.gguf import GGUF_NAME, ggml_type, load_gguf
 from awqfx.gguf_blocks import GGUF_TYPES, clamp_blocks
 from awqfx.gguf_blocks import fake_quantize as gguf_fake_quantize
 from awqfx.params import get_param, set_param
@@ -157,6 +160,17 @@ def test_gguf_file_loads_in_transformers_as_the_fake_quantized_model(type_name, 
         torch.testing.assert_close(loaded(ids).logits, expect(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_eval_measures_the_written_file_as_transformers_loads_it(llama_dir, calib, tmp_path, capsys):
+    """The model in memory is the folded float one; --eval reads the file back instead (the format's reader)."""
+    out = tmp_path / "q"
+    assert main(["quantize", str(llama_dir), "--out", str(out), "--format", "gguf", "--gguf-type", "q4_0",
+                 "--calib", str(calib), "--eval", str(calib), "--eval-windows", "2"] + QUICK) == 0
+    after = next(line for line in capsys.readouterr().out.splitlines() if "perplexity after" in line)
+    wins = windows_for_eval(AutoTokenizer.from_pretrained(llama_dir), calib.read_text(), 16, max_windows=2)
+    ppl = perplexity(load_gguf(out), wins, progress=False)
+    assert after.split()[-6:] == [f"{ppl:.3f}", "(model.gguf", "as", "transformers", "loads", "it)"]
+
+
 def test_gguf_source_metadata_and_tokenizer_are_copied(llama_dir, calib, tmp_path, monkeypatch):
     monkeypatch.setenv("AWQFX_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "src"  # a llama.cpp-style source file: the tiny llama, plain Q8_0
@@ -192,6 +206,9 @@ def test_gguf_source_metadata_and_tokenizer_are_copied(llama_dir, calib, tmp_pat
     (["--format", "gguf", "--gguf-type", "q4_0", "--bits", "3"], "drop --bits 3"),
     (["--format", "gguf", "--gguf-type", "q8_0", "--group-size", "16"], "drop --group-size 16"),
     (["--format", "gguf", "--gguf-type", "q4_1", "--symmetric"], "drop --symmetric"),
+    (["--format", "gguf", "--gguf-type", "q8_0", "--bits", "4"], "drop --bits 4"),  # --bits' default, given
+    (["--format", "gguf", "--gguf-type", "q4_0", "--group-size", "64"], "drop --group-size 64"),  # the default
+    (["--format", "gguf", "--gguf-type", "q4_0", "--no-symmetric"], "drop --no-symmetric"),
     (["--format", "gguf", "--gguf-type", "q4_0", "--mode", "sequential"], "--mode sequential) it is not supported"),
 ])
 def test_flags_that_contradict_the_gguf_type_are_refused(flags, needle, llama_dir, tmp_path, capsys):
@@ -200,6 +217,16 @@ def test_flags_that_contradict_the_gguf_type_are_refused(flags, needle, llama_di
     err = capsys.readouterr().err
     assert needle in err and err.startswith("awqfx: error: ") and "Traceback" not in err
     assert not out.exists()
+
+
+def test_flags_that_repeat_the_gguf_types_own_values_are_accepted(llama_dir, tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(cli, "quantize_model", lambda model, out, cfg, **kw: asked.append(cfg) or Report())
+    flags = ["--format", "gguf", "--gguf-type", "q8_0", "--bits", "8", "--group-size", "32", "--symmetric"]
+    assert main(["quantize", str(llama_dir), "--out", str(tmp_path / "q")] + flags + QUICK) == 0
+    spec = asked[0].weights
+    assert (spec.scheme, spec.bits, spec.group_size, spec.symmetric) == ("q8_0", 8, 32, True)
+    assert asked[0].clip.mode == "sym"
 
 
 @pytest.mark.parametrize("arch, overrides, needles", [
@@ -226,7 +253,8 @@ def test_what_gguf_cannot_hold_is_refused_before_calibration(arch, overrides, ne
 
 def test_other_formats_refuse_gguf_specs_and_save_quantized_refuses_gguf():
     layer = Layer("model.layers.0.mlp.down_proj.weight", (64, 96), 1, QuantSpec.gguf("q4_0"))
-    assert any("only --format gguf stores them" in p for p in check_format("awqfx", [layer]))
+    for fmt in ("awqfx", "autoawq", "compressed-tensors"):  # the packed formats: codes on the integer grid
+        assert any("only --format gguf stores them" in p for p in check_format(fmt, [layer])), fmt
     assert check_format("gguf", [layer]) == []
     int_layer = Layer(layer.name, layer.shape, 1, QuantSpec(4, 32))
     assert any("awqfx's integer grid" in p for p in check_format("gguf", [int_layer]))

@@ -12,7 +12,7 @@ from awqfx.config import AWQConfig
 from awqfx.passes.region import extract_region
 from awqfx.quant import QuantSpec, fake_quantize
 from awqfx.search import block_grams, clip_range, clip_ratios, input_gram, refine_clip_jointly, search
-from awqfx.search.clip import group_minmax
+from awqfx.search.clip import absolute_clip, group_minmax, search_clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 _calib = calib_ids
@@ -285,6 +285,34 @@ def test_minmax_clip_shrinks_max_and_min_separately():
             assert got <= min(err(row, grp, a, rb) for rb in ratios) * (1 + 1e-4)
     assert r[1, 1, 0] < 1.0  # the outlier group shrinks its max
     assert (r[..., 0] != r[..., 1]).any()  # the two sides do move apart
+
+
+@pytest.mark.parametrize("mode", ["minmax", "asym", "sym"])
+def test_a_clipped_range_never_reaches_past_the_groups_own_values(mode):
+    """In a group whose weights all share one sign the zero-side bound stays put (shrinking it
+    toward zero would move it outward, past the group's min or max); the far side still shrinks.
+    Every candidate and the searched ranges lie inside ``[min, max]`` of the group's own values."""
+    torch.manual_seed(4)
+    spec = QuantSpec(3, 16, False)
+    w, x = torch.randn(6, 32), torch.randn(256, 32)
+    w[0], w[1] = w[0].abs() + 0.05, -(w[1].abs() + 0.05)  # all positive, all negative
+    w[2, :16] = w[2, :16].abs() + 1.0  # one positive group far from zero
+    ratios = [1.0 - i / 20 for i in range(10)]
+    mx, mn = group_minmax(w, 16)
+    pos, neg = mn > 0, mx < 0
+    assert int(pos.sum()) == 3 and int(neg.sum()) == 2
+    for r in ratios:
+        hi, lo = clip_range(mx, mn, torch.full((*mx.shape, 2), r) if mode == "minmax" else r, mode)
+        assert (hi <= mx).all() and (lo >= mn).all(), r
+        if r < 1:  # the far side shrinks, the zero side stays
+            assert (hi[pos] < mx[pos]).all() and torch.equal(lo[pos], mn[pos]), r
+            assert (lo[neg] > mn[neg]).all() and torch.equal(hi[neg], mx[neg]), r
+    hi, lo = absolute_clip(w, 1, spec, search_clip(w, x, spec, mode, ratios, rounds=1), mode)
+    assert (hi <= mx).all() and (lo >= mn).all()
+    if mode != "sym":  # a group holding both signs shrinks toward zero as before: mx * r, mn * r
+        both = ~(pos | neg)
+        hi, lo = clip_range(mx, mn, torch.full((*mx.shape, 2), 0.9) if mode == "minmax" else 0.9, mode)
+        assert torch.equal(hi[both], mx[both] * 0.9) and torch.equal(lo[both], mn[both] * 0.9)
 
 
 def test_ragged_groups_and_rtn_method():

@@ -10,13 +10,15 @@ from tiny_models import build, calib_ids, char_tokenizer, config, save_model_dir
 
 import awqfx
 from awqfx.api import calibrate, prepare, search
-from awqfx.app import budget
+from awqfx.app import budget, jobs
 from awqfx.app.cli import main
 from awqfx.checkpoint import CheckpointError
 from awqfx.config import AWQConfig, ConfigError
-from awqfx.formats import load_quantized, save_quantized
+from awqfx.formats import FormatError, load_quantized, load_written, save_quantized
 from awqfx.formats.common import build_skeleton
 from awqfx.apply import apply_plan
+from awqfx.packed_model import packed_modules
+from awqfx.plan import AWQPlan
 from awqfx.passes.blocks import block_module, split_blocks
 from awqfx.passes.discover import discover
 from awqfx import sequential
@@ -109,11 +111,27 @@ def test_a_tied_embedding_is_written_under_the_name_whole_graph_mode_uses(tmp_pa
     assert torch.equal(seq["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])
 
 
-@pytest.mark.parametrize("loss_samples", [2, 12])
-def test_a_loss_sample_that_ends_inside_a_batch_is_refused_before_work(llama_dir, tmp_path, loss_samples):
-    cfg = CFG.with_(loss_samples=loss_samples, batch_size=8)
-    with pytest.raises(ConfigError, match=f"loss_samples={loss_samples} is not a multiple of batch_size=8"):
-        quantize_sequential(open_sequential(llama_dir), calib_ids(16, 16), cfg, tmp_path / "out", progress=False)
+@pytest.mark.parametrize("loss_samples", [2, 6])
+def test_a_loss_sample_that_ends_inside_a_batch_writes_what_the_whole_graph_mode_writes(llama_dir, tmp_path,
+                                                                                        loss_samples):
+    """The batch size crosses into a layer block as a value of its own; the block reads it from its
+    tensors instead, so the search replays a loss sample of 6 rows in chunks of 4 and 2 (of 2 rows,
+    one chunk of 2) as the whole graph does."""
+    cfg = CFG.with_(loss_samples=loss_samples, batch_size=4)
+    calib = calib_ids(8, 16)
+    plan, _ = quantize_sequential(open_sequential(llama_dir), calib, cfg, tmp_path / "seq", progress=False)
+    model = build("llama")
+    save_quantized(apply_plan(model, _whole(model, calib, cfg), weights="packed"), tmp_path / "whole")
+    seq, ref = saved_tensors(tmp_path / "seq"), saved_tensors(tmp_path / "whole")
+    assert seq.keys() == ref.keys()
+    assert all(torch.equal(seq[k], ref[k]) for k in ref)
+    assert plan.config["runtime"]["loss_samples"] == loss_samples
+
+
+def test_a_format_written_from_the_whole_model_is_refused_block_by_block(llama_dir, tmp_path):
+    with pytest.raises(FormatError, match="'gguf' is written from the whole model, not block by block"):
+        quantize_sequential(open_sequential(llama_dir), calib_ids(8, 16), CFG, tmp_path / "out", fmt="gguf",
+                            progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -253,3 +271,70 @@ def test_cli_sequential_report(llama_dir, tmp_path, capsys):
     assert main(["quantize", str(llama_dir), "--out", str(tmp_path / "q2"), "--sequential", "--samples", "2000000",
                  "--seq-len", "120", "--quiet"]) == 2
     assert "needs about" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tied_llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("seq_tied_llama")
+    save_model_dir(path, "llama", tie_word_embeddings=True)
+    return path
+
+
+EVAL_RUN = {"cfg": CFG, "samples": 8, "seq_len": 16, "eval_file": "-", "eval_windows": 2, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def whole_graph_run(tied_llama_dir, tmp_path_factory):
+    """``quantize --mode whole --eval -``: its report (the in-memory packed model's perplexity, which
+    does not depend on the format written) and its output directory (the plan)."""
+    out = tmp_path_factory.mktemp("whole") / "q"
+    return jobs.quantize_model(str(tied_llama_dir), str(out), mode="whole", **EVAL_RUN), out
+
+
+def _scales_rounded_to_float16(model):
+    """``model`` with every packed layer's scales as AutoAWQ stores them (float16)."""
+    for m in packed_modules(model).values():
+        m.scales = m.scales.half().float()
+        m.refresh()
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["autoawq", "compressed-tensors"])
+def test_block_mode_eval_of_a_foreign_format_reads_back_the_whole_graph_modes_model(
+        tied_llama_dir, whole_graph_run, tmp_path, monkeypatch, fmt):
+    """--eval of a block-by-block run loads the output with the format's reader (sharded, tied
+    embedding): the perplexity whole-graph mode measures in memory, and the packed model's outputs
+    (AutoAWQ stores the scales in float16: the packed model's, rounded so)."""
+    monkeypatch.setattr(sequential, "OUTPUT_SHARD_BYTES", 20_000)
+    out = tmp_path / "seq"
+    rep = jobs.quantize_model(str(tied_llama_dir), str(out), fmt=fmt, mode="sequential", **EVAL_RUN)
+    whole_rep, whole_out = whole_graph_run
+    assert "block by block" in rep.facts["mode"] and (out / "model.safetensors.index.json").is_file()
+    assert float(rep.facts["perplexity after"]) == pytest.approx(float(whole_rep.facts["perplexity after"]), rel=1e-3)
+
+    model = build("llama", tie_word_embeddings=True)
+    packed = apply_plan(model, AWQPlan.load(whole_out / "awq_plan"), weights="packed")
+    if fmt == "autoawq":
+        packed = _scales_rounded_to_float16(packed)
+    loaded = load_written(fmt, out, torch.float32)
+    assert sorted(packed_modules(loaded)) == sorted(packed_modules(packed))
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(loaded(token_ids()).logits, packed(token_ids()).logits)
+
+
+def test_eval_of_a_format_awqfx_cannot_read_is_refused_before_any_work(llama_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.delattr("awqfx.formats.autoawq.load")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("quantized before refusing")
+
+    monkeypatch.setattr(jobs, "_quantize_blocks", no_work)
+    out = tmp_path / "q"
+    assert main(["quantize", str(llama_dir), "--out", str(out), "--format", "autoawq", "--mode", "sequential",
+                 "--eval", "-", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--eval evaluates what --format autoawq wrote, read back from --out" in err
+    assert "awqfx cannot read autoawq: drop --eval, or use --mode whole" in err
+    assert not out.exists()
+

@@ -128,6 +128,29 @@ def test_rtn_of_the_smoothed_fp32_weights_is_exactly_the_awq_quantization():
     assert clipped > 0
 
 
+@pytest.mark.parametrize("clip", ["minmax", "asym"])
+def test_rtn_reproduces_groups_whose_weights_all_share_one_sign(clip):
+    """A one-signed group's clip range stays inside its own values (the zero-side bound does not
+    move outward, where a clamp could not follow it), so round-to-nearest of the smoothed weight
+    gives awqfx's scales, zero points and codes there too."""
+    model = build("llama")
+    name = "model.layers.0.mlp.down_proj.weight"
+    with torch.no_grad():
+        w = get_param(model, name)
+        w[0], w[1] = w[0].abs() + 0.01, -(w[1].abs() + 0.01)
+    plan = _plan(model, CFG.with_(clip=clip))
+    wp = plan.weights[name]
+    folded = apply_plan(model, plan, weights="float")
+    f = _groups(rows_view(get_param(folded, name).detach(), wp.in_dim), wp.spec)
+    assert (f[0] > 0).all() and (f[1] < 0).all()
+    assert (wp.max_val <= f.amax(-1)).all() and (wp.min_val >= f.amin(-1)).all()
+    awq = plan.quantized_weight(folded, name)
+    rtn = quantize_weight(rows_view(get_param(apply_plan(model, plan, weights="smoothed"), name).detach(),
+                                    wp.in_dim), wp.spec)
+    assert torch.equal(rtn.scale, awq.scale) and torch.equal(rtn.zero, awq.zero)
+    assert torch.equal(rtn.q, awq.q)
+
+
 def test_rtn_of_the_smoothed_bf16_weights_uses_the_clip_range_rounded_to_bf16():
     """In bf16 the fold rounds once (the same rounding as the weights awqfx quantizes) and a clamped
     value is the float32 clip bound rounded to bf16. Exact: every unclamped value is the folded

@@ -50,6 +50,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from awqfx.cache import cache_dir
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -117,12 +119,6 @@ def default_model_gguf() -> Path:
             f"reinstall it with `{MODEL_PIP}`"
         )
     return path
-
-
-def cache_dir() -> Path:
-    """``$AWQFX_CACHE`` if set, else ``~/.cache/awqfx``."""
-    env = os.environ.get("AWQFX_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "awqfx"
 
 
 def _gguf_cache_path(gguf: Path) -> Path:

@@ -1,20 +1,29 @@
-"""``awqfx bench``: size and speed of fp32, bf16 and packed int4 versions of one model.
+"""``awqfx bench``: size and speed of float and packed versions of one model.
 
-Numbers: on-disk size (safetensors), resident weight bytes (parameters + buffers, int4 kernel
-cache included), prefill tokens/s (one forward over the prompt) and decode tokens/s (greedy
-single-token steps with the KV cache), best of ``repeats``. The int4 model is packed from an RTN
-plan: packing and kernels do not depend on how the scales were searched.
+Rows: fp32, bf16, and the model packed at ``bits`` with its float parts (embeddings, norms, head,
+attention) in bf16 (fp16 when the checkpoint is fp16), and in fp32 (the fast float dtype on a CPU
+without bf16 arithmetic). The packed rows come from a round-to-nearest plan: packing and kernels do
+not depend on how the scales were searched, and an AWQ search would only cost minutes here.
+
+Figures: on-disk size (safetensors), resident bytes (parameters and buffers), the packed layers'
+bytes against the same layers in bf16, prefill tokens/s (one forward over a random prompt, per
+prompt length) and decode tokens/s (greedy single-token steps on a static KV cache after a prompt
+of the first length, per batch size), best of ``repeats``. With ``compile`` the decode step is
+``torch.compile``'d for every row alike (compiled once per row and batch size, before timing).
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+from transformers import StaticCache
 
 from awqfx.api import prepare, search
 from awqfx.app import assets
@@ -23,7 +32,7 @@ from awqfx.apply import apply_plan
 from awqfx.capture import capture
 from awqfx.config import AWQConfig
 from awqfx.formats import save_quantized
-from awqfx.packed_model import fp_weight_bytes, packed_weight_bytes
+from awqfx.packed_model import fp_weight_bytes, packed_modules, packed_weight_bytes
 from awqfx.quant import QuantSpec
 
 
@@ -47,36 +56,80 @@ def _disk_bytes(model: nn.Module, packed: bool) -> int:
         return sum(f.stat().st_size for f in out.glob("*.safetensors")) or dir_size(out)
 
 
-@torch.no_grad()
-def _speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, float]:
-    best_pre, best_dec = float("inf"), float("inf")
+def _best_seconds(fn: Callable[[], Any], repeats: int, device: str) -> float:
+    best = float("inf")
     for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model(prompt, use_cache=False)
-        best_pre = min(best_pre, time.perf_counter() - t0)
-        out = model(prompt, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(nxt, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        best_dec = min(best_dec, time.perf_counter() - t0)
-    return prompt.shape[1] / best_pre, new_tokens / best_dec
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
-_SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+@torch.no_grad()
+def prefill_tok_s(model: nn.Module, prompt: torch.Tensor, repeats: int) -> float:
+    """Tokens/s of one forward over ``prompt`` ``[batch, length]`` without a cache."""
+    model(prompt, use_cache=False)  # warm-up
+    return prompt.numel() / _best_seconds(lambda: model(prompt, use_cache=False), repeats, prompt.device.type)
+
+
+@torch.no_grad()
+def decode_tok_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int,
+                 compile: bool = False) -> float:
+    """Tokens/s of ``new_tokens`` greedy steps for every row of ``prompt`` on a static KV cache
+    (the step ``torch.compile``'d when ``compile``; its compilation happens before the timing)."""
+    batch, length = prompt.shape
+    step = torch.compile(model.forward, dynamic=False) if compile else model.forward
+    # transformers 5 renames the forward's past_key_values to cache (5.24 warns on the old name)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def prefill() -> tuple[StaticCache, torch.Tensor]:
+        cache = StaticCache(config=model.config, max_cache_len=length + new_tokens)
+        out = model(prompt, use_cache=True, cache_position=torch.arange(length, device=prompt.device),
+                    **{cache_arg: cache})
+        return cache, out.logits[:, -1:].argmax(-1)
+
+    def run() -> None:
+        cache, token = prefill()
+        for i in range(new_tokens):
+            position = torch.tensor([length + i], device=prompt.device)
+            out = step(token, use_cache=True, cache_position=position, **{cache_arg: cache})
+            token = out.logits[:, -1:].argmax(-1)
+
+    run()  # warm-up (and compilation)
+    prefill_s = _best_seconds(prefill, repeats, prompt.device.type)
+    total = _best_seconds(run, repeats, prompt.device.type)
+    return batch * new_tokens / max(total - prefill_s, 1e-9)
+
+
+_SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def packed_rest_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision of the packed model's float parts (embeddings, norms, head) and activations:
     the loaded model's when it is half precision, else bfloat16 (the int4 kernels compute in bf16)."""
-    return dtype if dtype in _SHORT else torch.bfloat16
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def run_bench(model_path: str | None, bits: int = 4, group_size: int = 64, prompt_len: int = 128,
-              new_tokens: int = 32, repeats: int = 3, device: str = "cpu",
-              dtype: str | torch.dtype = "auto") -> dict[str, Any]:
-    """The ``awqfx bench`` table: fp32, bf16 and packed rows for the model loaded in ``dtype``."""
+def kernel_choices(model: nn.Module) -> dict[str, str]:
+    """``{"NxKgG": "int4 kernel" | "dense float32 from T tokens"}`` for the model's int4 layers."""
+    out = {}
+    for m in packed_modules(model).values():
+        if m.active_backend != "int4pack":
+            continue
+        key = f"{m.out_features}x{m.in_features}g{m.group_size}"
+        dtype = str(m._dense_dtype).removeprefix("torch.")
+        out[key] = f"dense {dtype} from {m._dense_from} tokens" if m._dense_from else "int4 kernel"
+    return out
+
+
+def run_bench(model_path: str | None, bits: int = 4, group_size: int = 64, prompt_lens: Sequence[int] = (128, 512),
+              batches: Sequence[int] = (1, 8), new_tokens: int = 32, repeats: int = 3, device: str = "cpu",
+              dtype: str | torch.dtype = "auto", compile: bool = False) -> dict[str, Any]:
+    """The ``awqfx bench`` table for the model loaded in ``dtype`` (see the module docstring)."""
     model, _ = assets.load_model(model_path, dtype)
     rest = packed_rest_dtype(model.dtype)
     half = copy.deepcopy(model).to(rest)  # before .float(), which casts the model in place
@@ -88,36 +141,50 @@ def run_bench(model_path: str | None, bits: int = 4, group_size: int = 64, promp
         "fp32": model,
         "bf16": bf16,
         f"int{bits} packed ({_SHORT[rest]} rest)": apply_plan(half, plan, weights="packed"),
+        f"int{bits} packed (fp32 rest)": apply_plan(model, plan, weights="packed"),
     }
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=gen)
+    vocab = model.config.vocab_size
+    prompts = {n: torch.randint(0, vocab, (1, n), generator=gen) for n in prompt_lens}
+    decode_prompts = {b: torch.randint(0, vocab, (b, prompt_lens[0]), generator=gen) for b in batches}
     rows = []
     for name, m in variants.items():
-        m = m.to(device)
+        m = m.to(device).eval()
         packed = "packed" in name
-        if packed:  # the quantized layers only: packed codes + scales + zeros vs the same layers in bf16
-            lin_bytes = packed_weight_bytes(m, include_kernel_cache=False, include_unquantized=False)
-            lin_ref = fp_weight_bytes(m, torch.bfloat16, include_unquantized=False)
-        else:
-            lin_bytes = lin_ref = 0
-        pre, dec = _speed(m, prompt.to(device), new_tokens, repeats)
-        rows.append({"model": name, "device": device, "disk_bytes": _disk_bytes(m, packed),
-                     "resident_bytes": resident_bytes(m), "quantized_layer_bytes": lin_bytes,
-                     "same_layers_bf16_bytes": lin_ref, "prefill_tok_s": pre, "decode_tok_s": dec})
+        row = {"model": name, "device": device, "disk_bytes": _disk_bytes(m, packed), "resident_bytes": resident_bytes(m),
+               "quantized_layer_bytes": packed_weight_bytes(m, include_unquantized=False) if packed else 0,
+               "same_layers_bf16_bytes": fp_weight_bytes(m, torch.bfloat16, include_unquantized=False) if packed else 0,
+               "kernels": kernel_choices(m) if packed else {},
+               "prefill_tok_s": {n: prefill_tok_s(m, p.to(device), repeats) for n, p in prompts.items()},
+               "decode_tok_s": {b: decode_tok_s(m, p.to(device), new_tokens, repeats, compile)
+                                for b, p in decode_prompts.items()}}
+        rows.append(row)
     bf = next(r for r in rows if r["model"] == "bf16")
     for r in rows:
-        r["quantized_layers_vs_bf16"] = r["quantized_layer_bytes"] / r["same_layers_bf16_bytes"] if r["same_layers_bf16_bytes"] else None
-        r["decode_vs_bf16"] = r["decode_tok_s"] / bf["decode_tok_s"]
-    return {"prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "bits": bits,
-            "group_size": group_size, "threads": torch.get_num_threads(), "rows": rows}
+        r["quantized_layers_vs_bf16"] = (r["quantized_layer_bytes"] / r["same_layers_bf16_bytes"]
+                                         if r["same_layers_bf16_bytes"] else None)
+        r["prefill_vs_bf16"] = {n: v / bf["prefill_tok_s"][n] for n, v in r["prefill_tok_s"].items()}
+        r["decode_vs_bf16"] = {b: v / bf["decode_tok_s"][b] for b, v in r["decode_tok_s"].items()}
+    return {"prompt_lens": list(prompt_lens), "batches": list(batches), "new_tokens": new_tokens, "repeats": repeats,
+            "bits": bits, "group_size": group_size, "compile": compile, "threads": torch.get_num_threads(),
+            "rows": rows}
 
 
 def format_bench(res: dict[str, Any]) -> str:
-    head = f"{'model':<32}{'disk MiB':>10}{'resident MiB':>14}{'q-layers vs bf16':>18}{'prefill tok/s':>15}{'decode tok/s':>14}{'decode vs bf16':>16}"
-    lines = [f"prompt {res['prompt_len']} tokens, {res['new_tokens']} decode steps, best of {res['repeats']}, "
-             f"{res['threads']} threads", head, "-" * len(head)]
+    pre = [f"prefill {n}" for n in res["prompt_lens"]]
+    dec = [f"decode b{b}" for b in res["batches"]]
+    head = f"{'model':<30}{'disk MiB':>9}{'resident MiB':>13}{'q-layers/bf16':>14}" + "".join(
+        f"{c:>15}" for c in pre + dec)
+    lines = [f"tokens/s (x bf16); prompts {', '.join(map(str, res['prompt_lens']))}; decode {res['new_tokens']} steps "
+             f"after {res['prompt_lens'][0]} tokens{', compiled' if res['compile'] else ', eager'}; "
+             f"best of {res['repeats']}; {res['threads']} threads", head, "-" * len(head)]
     for r in res["rows"]:
         ratio = f"{r['quantized_layers_vs_bf16']:.1%}" if r["quantized_layers_vs_bf16"] is not None else "-"
-        lines.append(f"{r['model'] + ' (' + r['device'] + ')':<32}{r['disk_bytes'] / 2**20:>10.1f}{r['resident_bytes'] / 2**20:>14.1f}"
-                     f"{ratio:>18}{r['prefill_tok_s']:>15.1f}{r['decode_tok_s']:>14.1f}{r['decode_vs_bf16']:>15.2f}x")
+        cells = [f"{r['prefill_tok_s'][n]:.1f} ({r['prefill_vs_bf16'][n]:.2f}x)" for n in res["prompt_lens"]]
+        cells += [f"{r['decode_tok_s'][b]:.1f} ({r['decode_vs_bf16'][b]:.2f}x)" for b in res["batches"]]
+        lines.append(f"{r['model']:<30}{r['disk_bytes'] / 2**20:>9.1f}{r['resident_bytes'] / 2**20:>13.1f}{ratio:>14}"
+                     + "".join(f"{c:>15}" for c in cells))
+    kernels = next((r["kernels"] for r in res["rows"] if r["kernels"]), {})
+    if kernels:
+        lines.append("int4 layers: " + "; ".join(f"{k}: {v}" for k, v in kernels.items()))
     return "\n".join(lines)

@@ -26,7 +26,7 @@ from awqfx.app.mappings import FORMATS as MAPPING_FORMATS
 from awqfx.app.mappings import llm_compressor_mappings
 from awqfx.app.render import write_graph
 from awqfx.checkpoint import CheckpointError
-from awqfx.config import AWQConfig, ConfigError
+from awqfx.config import ACT_GRANULARITIES, ACT_MODE_WEIGHTS, AWQConfig, ConfigError
 from awqfx.formats import FormatError
 from awqfx.gguf_blocks import GGUF_TYPES
 from awqfx.passes.blocks import BlockSplitError
@@ -110,13 +110,37 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _weight_flags(args: argparse.Namespace) -> dict:
+    """``--bits``, ``--group-size``, ``--symmetric`` and ``--clip`` as given, else their defaults: the
+    weight-only ones (``args.weight_only_defaults``), or with ``--act-bits`` the weight-activation
+    mode's (``ACT_MODE_WEIGHTS``: 8-bit symmetric per output channel, ``sym`` clip when the weights
+    are symmetric)."""
+    act_mode = getattr(args, "act_bits", None) is not None
+    defaults = dict(args.weight_only_defaults)
+    if act_mode:
+        defaults.update(ACT_MODE_WEIGHTS)
+        if isinstance(args.weight_only_defaults["bits"], str):  # eval's --bits is a list
+            defaults["bits"] = str(ACT_MODE_WEIGHTS["bits"])
+    out = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
+    if args.clip is None and not out["symmetric"]:  # the sym clip belongs to a symmetric grid
+        out["clip"] = args.weight_only_defaults["clip"]
+    return out
+
+
 def _search_kwargs(args: argparse.Namespace) -> dict:
     """The AWQConfig fields the quantization / search flags set (everything but bits and group size)."""
     dtype = None if args.compute_dtype == "float32" else args.compute_dtype
-    return dict(symmetric=args.symmetric, scale_form=args.scale_form, clip=args.clip, clip_grid=args.clip_grid,
+    w = _weight_flags(args)
+    return dict(symmetric=w["symmetric"], scale_form=args.scale_form, clip=w["clip"], clip_grid=args.clip_grid,
                 clip_rounds=args.clip_rounds, clip_skip_qk=not args.clip_qk,
                 n_grid=args.n_grid, loss_samples=args.loss_samples, propagate=args.propagate,
-                calib_dtype=dtype, search_dtype=dtype, **_target_kwargs(args))
+                calib_dtype=dtype, search_dtype=dtype, **_act_kwargs(args), **_target_kwargs(args))
+
+
+def _act_kwargs(args: argparse.Namespace) -> dict:
+    """The activation quantizer and SmoothQuant fields (``--act-bits``, ``--act-granularity``, ``--sq-alpha``)."""
+    return dict(act_bits=getattr(args, "act_bits", None), act_granularity=getattr(args, "act_granularity", None),
+                sq_alpha=getattr(args, "sq_alpha", None))
 
 
 def _target_kwargs(args: argparse.Namespace) -> dict:
@@ -127,7 +151,8 @@ def _target_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _config_from_args(args: argparse.Namespace, **over):
-    kw = dict(bits=args.bits, group_size=args.group_size, device=getattr(args, "device", None),
+    w = _weight_flags(args)
+    kw = dict(bits=w["bits"], group_size=w["group_size"], device=getattr(args, "device", None),
               method=getattr(args, "method", "awq"), **_search_kwargs(args))
     kw.update(over)
     try:
@@ -138,7 +163,8 @@ def _config_from_args(args: argparse.Namespace, **over):
 
 def _gguf_kwargs(args: argparse.Namespace) -> dict:
     """``--format gguf --gguf-type T``: the quantizer is GGUF type T's (bits, group size 32 and symmetry
-    come from it; flags that contradict it are refused; a symmetric type clips ``sym`` unless --clip is
+    come from it; a --bits, --group-size or --(no-)symmetric given with another value than the type's
+    is refused, even one equal to the flag's default; a symmetric type clips ``sym`` unless --clip is
     given). Nothing without --gguf-type."""
     if args.gguf_type is None:
         if args.format == "gguf":
@@ -147,20 +173,19 @@ def _gguf_kwargs(args: argparse.Namespace) -> dict:
     if args.format != "gguf":
         raise UsageError(f"--gguf-type is the block type of --format gguf; add --format gguf (got --format {args.format})")
     spec = QuantSpec.gguf(args.gguf_type)
-    d = args.quant_flag_defaults
-    clash = []
-    if args.bits not in (d["bits"], spec.bits):
+    clash = []  # flags left out are None (_quant_flags)
+    if args.bits is not None and args.bits != spec.bits:
         clash.append(f"--bits {args.bits}")
-    if args.group_size not in (d["group_size"], spec.group_size):
+    if args.group_size is not None and args.group_size != spec.group_size:
         clash.append(f"--group-size {args.group_size}")
-    if args.symmetric and not spec.symmetric:
-        clash.append("--symmetric")
+    if args.symmetric is not None and args.symmetric != spec.symmetric:
+        clash.append("--symmetric" if args.symmetric else "--no-symmetric")
     if clash:
         raise UsageError(f"--gguf-type {spec.scheme} is {spec.bits}-bit blocks of {spec.group_size} weights, "
                          f"{'symmetric' if spec.symmetric else 'with a min offset (asymmetric)'}; drop "
                          f"{', '.join(clash)}")
     kw = dict(bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric, scheme=spec.scheme)
-    if spec.symmetric and args.clip == AWQConfig().clip.mode:
+    if spec.symmetric and args.clip is None:
         kw["clip"] = "sym"  # the clip of a quantizer whose range is max |w|
     return kw
 
@@ -200,18 +225,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+EVAL_METHODS = ("fp", "rtn", "smoothquant", "awq")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     _model_kind(args.model)
+    bits_text = _weight_flags(args)["bits"]
     try:
-        bits = sorted({int(b) for b in args.bits.split(",") if b.strip()})
+        bits = sorted({int(b) for b in bits_text.split(",") if b.strip()})
     except ValueError:
-        raise UsageError(f"--bits takes comma-separated integers like 3,4 (got {args.bits!r})") from None
+        raise UsageError(f"--bits takes comma-separated integers like 3,4 (got {bits_text!r})") from None
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ("fp", "rtn", "awq")]
+    bad = [m for m in methods if m not in EVAL_METHODS]
     if bad or not methods:
-        raise UsageError(f"--methods takes a comma-separated subset of fp,rtn,awq (got {args.methods!r})")
-    for b in bits:
-        _config_from_args(args, bits=b)  # validates every combination before any work
+        raise UsageError(f"--methods takes a comma-separated subset of {','.join(EVAL_METHODS)} (got {args.methods!r})")
+    for b in bits:  # validates every combination before any work
+        for m in {"awq", *[m for m in methods if m in ("rtn", "smoothquant")]}:
+            _config_from_args(args, bits=b, method=m)
     if args.max_windows is not None and args.max_windows < 1:
         raise UsageError("--max-windows must be >= 1")
     if args.text is None:
@@ -221,14 +251,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         text = Path(args.text).read_text(encoding="utf-8", errors="replace")
     try:
-        res = compare_methods(args.model, text, bits, args.group_size, methods, max_windows=args.max_windows,
+        res = compare_methods(args.model, text, bits, _weight_flags(args)["group_size"], methods, max_windows=args.max_windows,
                               seq_len=args.seq_len, samples=args.samples, calib_source=args.calib,
                               base_config=_search_kwargs(args), progress=not args.quiet,
                               dtype=args.dtype)
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    print(f"\nperplexity on {res['windows']} windows x {res['seq_len']} tokens, group size {res['group_size']}\n")
-    rows = [[r["method"], r["bits"], f"{r['ppl']:.3f}",
+    acts = "" if res.get("act_bits") is None else f", activations {res['act_bits']}-bit {res['act_granularity']}"
+    print(f"\nperplexity on {res['windows']} windows x {res['seq_len']} tokens, group size {res['group_size']}{acts}\n")
+    rows = [[r["method"], r["bits"] if "act_bits" not in r else f"W{r['bits']}A{r['act_bits']}", f"{r['ppl']:.3f}",
              f"{r['gap_recovered']:.1%}" if "gap_recovered" in r else "",
              f"{r.get('quantize_seconds', 0):.0f}" if "quantize_seconds" in r else ""] for r in res["rows"]]
     print(_table(rows, ["method", "bits", "perplexity", "RTN gap recovered", "quantize s"]))
@@ -244,10 +275,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     _model_kind(args.model)
     _check_device(args.device)
-    _config_from_args(args, method="rtn")
-    res = run_bench(args.model, bits=args.bits, group_size=args.group_size, prompt_len=args.prompt_len,
-                    new_tokens=args.new_tokens, repeats=args.repeats, device=args.device or "cpu",
-                    dtype=args.dtype)
+    QuantSpec(args.bits, args.group_size)  # a bad spec fails here, before the model loads
+    res = run_bench(args.model, bits=args.bits, group_size=args.group_size, prompt_lens=args.prompt_lens,
+                    batches=args.batches, new_tokens=args.new_tokens, repeats=args.repeats,
+                    device=args.device or "cpu", dtype=args.dtype, compile=args.compile)
     print(format_bench(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
@@ -257,21 +288,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _quant_flags(p: argparse.ArgumentParser, group_size: int, multi_bits: bool = False) -> None:
     d = SimpleNamespace(**AWQConfig().flat())  # flag defaults are the library's (measured) defaults
+    # --bits, --group-size, --symmetric and --clip default to None: the weight-only defaults below, or
+    # the weight-activation mode's with --act-bits (_weight_flags)
+    p.set_defaults(weight_only_defaults={"bits": "3,4" if multi_bits else d.bits, "group_size": group_size,
+                                         "symmetric": False, "clip": d.clip})
+    a = ACT_MODE_WEIGHTS
     g = p.add_argument_group("quantization")
     if multi_bits:
-        g.add_argument("--bits", default="3,4", help="comma-separated weight bit widths, each 2..8 (default 3,4)")
+        g.add_argument("--bits", default=None, help="comma-separated weight bit widths, each 2..8 (default 3,4; "
+                                                    f"{a['bits']} with --act-bits)")
     else:
-        g.add_argument("--bits", type=int, default=d.bits, help=f"weight bits, 2..8 (default {d.bits})")
-    g.add_argument("--group-size", type=int, default=group_size,
-                   help=f"weights per quantization group along the input dim; -1 = per output channel (default {group_size}); "
-                        "a ragged last group is fine")
-    g.add_argument("--symmetric", action="store_true", help="symmetric quantization (no zero point); default asymmetric")
+        g.add_argument("--bits", type=int, default=None, help=f"weight bits, 2..8 (default {d.bits}; {a['bits']} with "
+                                                              "--act-bits)")
+    g.add_argument("--group-size", type=int, default=None,
+                   help=f"weights per quantization group along the input dim; -1 = per output channel (default {group_size}; "
+                        f"{a['group_size']} with --act-bits); a ragged last group is fine")
+    g.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
+                   help="symmetric quantization (no zero point) or, --no-symmetric, asymmetric (default asymmetric; "
+                        "symmetric with --act-bits)")
     s = p.add_argument_group("AWQ search")
     s.add_argument("--scale-form", choices=["x", "duo", "both"], default=d.scale_form,
                    help=f"scale grid: x_mean^a (x), x_mean^a / w_mean^(1-a) (duo), or both (default {d.scale_form})")
-    s.add_argument("--clip", choices=["minmax", "asym", "sym", "none"], default=d.clip,
+    s.add_argument("--clip", choices=["minmax", "asym", "sym", "none"], default=None,
                    help="weight clipping search: minmax (shrink max and min separately), asym (max and min by one "
-                        f"ratio), sym (max |w|) or none (default {d.clip})")
+                        f"ratio), sym (max |w|) or none (default {d.clip}; {a['clip']} with --act-bits, and for the "
+                        "symmetric GGUF types)")
     s.add_argument("--clip-grid", type=int, default=d.clip_grid,
                    help=f"clip shrink steps of 1/N from 1.0 down to 0.5 (default {d.clip_grid})")
     s.add_argument("--clip-rounds", type=int, default=d.clip_rounds,
@@ -293,12 +334,27 @@ def _quant_flags(p: argparse.ArgumentParser, group_size: int, multi_bits: bool =
 
 
 def _job_flags(p: argparse.ArgumentParser, func, group_size: int, multi_bits: bool = False) -> None:
-    """The flags every quantizing subcommand shares: progress, quantizer and search, calibration."""
+    """The flags every quantizing subcommand shares: progress, quantizer and search, activations,
+    targets, calibration."""
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _quant_flags(p, group_size, multi_bits=multi_bits)
+    _act_flags(p)
     _target_flags(p)
     _calib_flags(p)
     p.set_defaults(func=func)
+
+
+def _act_flags(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group("activations", "weight-activation mode (W8A8, as llmc quantizes it): the input of "
+                             "every quantized linear is quantized too, dynamic and symmetric, and the searches "
+                             "score their losses with it quantized")
+    a.add_argument("--act-bits", type=int, default=None, metavar="N",
+                   help="quantize the input activations of every quantized linear to N bits, 4..8; sets the weight "
+                        f"defaults to {ACT_MODE_WEIGHTS['bits']}-bit symmetric per output channel (--group-size -1) "
+                        "with --clip sym (default: weights only)")
+    a.add_argument("--act-granularity", choices=list(ACT_GRANULARITIES), default=None,
+                   help="one activation scale per token (row) or per input tensor, computed at run time "
+                        "(default per-token; needs --act-bits)")
 
 
 def _target_flags(p: argparse.ArgumentParser) -> None:
@@ -322,6 +378,17 @@ def _calib_flags(p: argparse.ArgumentParser) -> None:
                    "(default: the bundled Shakespeare calibration plays)")
     c.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
     c.add_argument("--seq-len", type=int, default=512, help="tokens per calibration/evaluation sequence (default 512)")
+
+
+def _int_list(text: str) -> list[int]:
+    """``"128,512"`` -> ``[128, 512]``: positive integers, comma-separated (an argparse type)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -391,32 +458,41 @@ def build_parser() -> argparse.ArgumentParser:
                    "block boundary in files under DIR instead of in memory")
     q.add_argument("--report", metavar="FILE.json", help="also write the summary, with the time of every block, as JSON")
     _job_flags(q, cmd_quantize, group_size=64)
-    # --gguf-type derives bits and group size: their defaults are overridden, other values contradict it
-    q.set_defaults(quant_flag_defaults={k: q.get_default(k) for k in ("bits", "group_size")})
 
-    e = sub.add_parser("eval", help="perplexity of fp / RTN / AWQ across bit widths",
+    e = sub.add_parser("eval", help="perplexity of fp / RTN / SmoothQuant / AWQ across bit widths",
                        description="Quantize MODEL with each method at each bit width (fake-quant graphs) and print "
                        "perplexity on non-overlapping windows of --text; optionally write JSON and a PNG plot.")
     _model_arg(e)
     _dtype_flag(e, " and evaluated in")
     e.add_argument("--text", metavar="FILE", help="evaluation text (default: the bundled held-out plays)")
-    e.add_argument("--methods", default="fp,rtn,awq", help="comma-separated subset of fp,rtn,awq (default all)")
+    e.add_argument("--methods", default="fp,rtn,awq",
+                   help="comma-separated subset of fp,rtn,smoothquant,awq (default fp,rtn,awq); smoothquant: "
+                        "SmoothQuant's scales s = max|X|^a / max|W|^(1-a) on the same scale groups, no clip search")
+    e.add_argument("--sq-alpha", type=float, default=0.5, help="SmoothQuant's migration strength a, 0..1 (default 0.5)")
     e.add_argument("--max-windows", type=int, default=16, help="evaluate at most this many windows, spread over the text (default 16)")
     e.add_argument("--json", metavar="FILE", help="write the results as JSON")
     e.add_argument("--plot", metavar="FILE.png", help="write a perplexity-vs-bits plot")
     _job_flags(e, cmd_eval, group_size=64, multi_bits=True)
 
     b = sub.add_parser("bench", help="size and speed: fp32, bf16 and packed int4",
-                       description="Measure on-disk size, resident weight bytes, prefill and decode tokens/s of the "
-                       "model in fp32, bf16 and packed low-bit form (CPU, or CUDA with --device cuda).")
+                       description="Measure on-disk size, resident bytes, prefill tokens/s per prompt length and "
+                       "decode tokens/s per batch size of the model in fp32, bf16 and packed low-bit form (with bf16 "
+                       "and with fp32 float parts), on the CPU or with --device cuda. The packed model comes from a "
+                       "round-to-nearest plan: the kernels do not depend on how the scales were searched.")
     _model_arg(b)
     _dtype_flag(b, "; the packed model keeps it for its float parts when it is float16 or bfloat16, else bfloat16")
-    b.add_argument("--prompt-len", type=int, default=128, help="prefill length in tokens (default 128)")
+    b.add_argument("--bits", type=int, default=4, help="bits of the packed model (default 4)")
+    b.add_argument("--group-size", type=int, default=64, help="group size of the packed model (default 64)")
+    b.add_argument("--prompt-lens", type=_int_list, default=[128, 512], metavar="N[,N...]",
+                   help="prefill lengths in tokens (default 128,512); decode follows a prompt of the first")
+    b.add_argument("--batches", type=_int_list, default=[1, 8], metavar="B[,B...]",
+                   help="decode batch sizes (default 1,8)")
     b.add_argument("--new-tokens", type=int, default=32, help="decode steps (default 32)")
     b.add_argument("--repeats", type=int, default=3, help="take the best of this many runs (default 3)")
+    b.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step of every row (static KV cache either way)")
     b.add_argument("--device", choices=["cpu", "cuda"], default=None, help="device (default cpu)")
     b.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    _quant_flags(b, 64)
     b.set_defaults(func=cmd_bench)
     return parser
 

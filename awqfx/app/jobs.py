@@ -24,11 +24,24 @@ from awqfx.apply import apply_plan
 from awqfx.capture import capture
 from awqfx.checkpoint import Checkpoint, CheckpointError
 from awqfx.config import AWQConfig, ConfigError
-from awqfx.formats import FormatError, Layer, check_format, load_quantized, save_quantized, weights_mode
-from awqfx.formats import gguf as gguf_format
+from awqfx.formats import (
+    FormatError,
+    Layer,
+    ModelSource,
+    check_format,
+    eval_note,
+    format_modes,
+    load_written,
+    model_problems,
+    reads_back,
+    save_model,
+    weights_mode,
+    writes_from_plan,
+)
 from awqfx.formats.common import alias_groups
 from awqfx.memory import peak_rss_mb
 from awqfx.params import get_param
+from awqfx.search import gap_recovered
 from awqfx.sequential import compute_dtype_for, open_sequential, quantize_sequential
 
 log = logging.getLogger(__name__)
@@ -73,7 +86,7 @@ def layers_to_quantize(observed, cfg: AWQConfig) -> list[Layer]:
     tied = {name for names in alias_groups(observed.gm) for name in names}
     scaled = {c.weight for g in observed.groups if g.producer.kind == "activation" for c in g.consumers}
     return [Layer(w, tuple(get_param(observed.gm, w).shape), observed.linears[w][2], cfg.spec, tied=w in tied,
-                  input_scale=cfg.scales is not None and w in scaled)
+                  input_scale=cfg.scaled and w in scaled, act=cfg.activations)
             for w in observed.discovery.quantizable if w in observed.linears]
 
 
@@ -103,9 +116,14 @@ def check_seq_len(model: nn.Module, seq_len: int) -> None:
                           f"(config.max_position_embeddings); use --seq-len {limit} or less")
 
 
-def refuse_unfit_format(fmt: str, observed, cfg: AWQConfig) -> None:
-    """Raise :class:`FormatError` listing every layer ``fmt`` cannot hold, before any long work."""
+def refuse_unfit_format(fmt: str, observed, cfg: AWQConfig, model: nn.Module | None = None,
+                        source: ModelSource | None = None) -> None:
+    """Raise :class:`FormatError` listing every layer ``fmt`` cannot hold and, given the ``model``
+    and its ``source``, every other reason the format cannot write it (:func:`model_problems`:
+    architecture, metadata), before any long work."""
     problems = check_format(fmt, layers_to_quantize(observed, cfg))
+    if model is not None:
+        problems += model_problems(fmt, model, source or ModelSource())
     if problems:
         raise FormatError(f"--format {fmt} cannot hold this model: " + "; ".join(problems) + ".")
 
@@ -184,20 +202,28 @@ def quantize_model(
         else:
             stored = (ckpt.dtype() or torch.float32).itemsize
             mode, why = choose_mode(mode, ckpt.nbytes() * dtype.itemsize // stored, cfg.runtime.device, dtype)
-        if fmt == gguf_format.NAME and mode == "sequential":  # one file from the whole folded model
+        if mode not in format_modes(fmt):  # e.g. GGUF: one file, written from the whole folded model
             if why == "asked for":
-                raise ConfigError("--format gguf writes one file from the whole folded model; block by block "
+                raise ConfigError(f"--format {fmt} is written from the whole model; block by block (--mode {mode}) "
+                                  "it is not supported: use --mode whole or auto")
+            mode, why = "whole", f"--format {fmt} is written from the whole model; auto would run {mode}: {why}"
+        if cfg.activations is not None and mode == "sequential":  # the block writer packs weight-only layers
+            if why == "asked for":
+                raise ConfigError("activation quantization (--act-bits) runs on the whole graph; block by block "
                                   "(--mode sequential) it is not supported: use --mode whole or auto")
-            mode, why = "whole", f"--format gguf is written from the whole model; auto would run sequential: {why}"
+            mode, why = "whole", f"--act-bits runs on the whole graph; auto would run sequential: {why}"
+        if eval_file is not None:
+            refuse_unreadable_eval(fmt, mode)
     rep.facts["mode"] = f"{'block by block' if mode == 'sequential' else 'whole graph'} ({why})"
+    source = ModelSource(model_dir, gguf_source(model_path))
     if mode == "sequential":
         _quantize_blocks(rep, model_dir, out, cfg, fmt, calib_source, samples, seq_len, dtype, offload_dir,
-                         overwrite, progress)
+                         overwrite, progress, source)
         model = packed = None
         tok = assets.load_tokenizer(model_dir)
     else:
         model, tok, packed = _quantize_whole(rep, model_dir, out, cfg, fmt, calib_source, samples, seq_len, dtype,
-                                             overwrite, progress, source_gguf=gguf_source(model_path))
+                                             overwrite, progress, source)
     if not distributed.is_main():
         return rep
     rep.facts["size after"] = f"{dir_size(out) / 2**20:.1f} MiB on disk ({out})"
@@ -207,9 +233,8 @@ def quantize_model(
         with rep.stage("evaluate"):
             if model is None:
                 model, _ = assets.load_model(model_dir, dtype=dtype)
-                packed = load_quantized(out) if weights_mode(fmt) == "packed" else assets.load_model(out, dtype)[0]
-            if fmt == gguf_format.NAME:  # the file itself, as transformers dequantizes it
-                packed = gguf_format.load_gguf(out, dtype)
+            if evaluates_written(fmt, mode):  # block by block, or a file its writer quantized: read back
+                packed = load_written(fmt, out, dtype)
             compute = compute_dtype_for(dtype, cfg.runtime.device)
             if compute != dtype:  # e.g. bf16 on a CPU without bf16 matmuls: the same values, evaluated in float32
                 model, packed = model.to(compute), packed.to(compute)
@@ -217,11 +242,24 @@ def quantize_model(
             after = perplexity(packed, wins, progress=progress)
         computed = "" if compute == dtype else f", computed in {compute}"
         rep.facts["perplexity before"] = f"{before:.3f} ({wins.shape[0]} x {wins.shape[1]} tokens{computed})"
-        rep.facts["perplexity after"] = f"{after:.3f}" + (" (smoothed float model, not quantized)"
-                                                           if weights_mode(fmt) == "smoothed" else
-                                                           f" ({gguf_format.GGUF_NAME} as transformers loads it)"
-                                                           if fmt == gguf_format.NAME else "")
+        note = eval_note(fmt)  # e.g. the smoothed float model, or the GGUF file as transformers loads it
+        rep.facts["perplexity after"] = f"{after:.3f}" + (f" ({note})" if note else "")
     return rep
+
+
+def evaluates_written(fmt: str, mode: str) -> bool:
+    """Whether ``--eval`` evaluates the output read back from disk, not the model in memory: block by
+    block (none is kept), or a format whose writer quantizes the float model itself (GGUF)."""
+    return mode == "sequential" or writes_from_plan(fmt)
+
+
+def refuse_unreadable_eval(fmt: str, mode: str) -> None:
+    """Raise :class:`ConfigError` (before any work) when ``--eval`` would read back what format
+    ``fmt`` writes in ``mode`` and awqfx has no reader for it."""
+    if evaluates_written(fmt, mode) and not reads_back(fmt):
+        where = "block by block, no model is kept in memory" if mode == "sequential" else "the file is the model"
+        raise ConfigError(f"--eval evaluates what --format {fmt} wrote, read back from --out ({where}), and awqfx "
+                          f"cannot read {fmt}: drop --eval" + (", or use --mode whole" if mode == "sequential" else ""))
 
 
 def gguf_source(model_path: str | None) -> Path | None:
@@ -231,7 +269,7 @@ def gguf_source(model_path: str | None) -> Path | None:
 
 
 def _quantize_whole(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fmt: str, calib_source, samples: int,
-                    seq_len: int, dtype: torch.dtype, overwrite: bool, progress: bool, source_gguf: Path | None = None):
+                    seq_len: int, dtype: torch.dtype, overwrite: bool, progress: bool, source: ModelSource):
     with rep.stage("load model"):
         model, tok = assets.load_model(model_dir, dtype=dtype)
     check_seq_len(model, seq_len)
@@ -248,11 +286,7 @@ def _quantize_whole(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fmt
         observed = prepare(gm, cfg)
     d = observed.discovery
     rep.facts["scale groups"] = f"{len(d.groups)} found, {len(d.rejected)} rejected candidates"
-    refuse_unfit_format(fmt, observed, cfg)
-    if fmt == gguf_format.NAME:
-        problems = gguf_format.check_model(model, source_gguf, model_dir)
-        if problems:
-            raise FormatError(f"--format {fmt} cannot hold this model: " + "; ".join(problems) + ".")
+    refuse_unfit_format(fmt, observed, cfg, model, source)
     report_dropped(rep, observed)
     fp_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     est = budget.estimate_memory(gm, samples=samples if calib is not None else 0, seq_len=seq_len,
@@ -274,16 +308,15 @@ def _quantize_whole(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fmt
         packed = apply_plan(model, plan, weights=weights)
     with rep.stage("save"), tempfile.TemporaryDirectory() as tmp:
         plan.save(Path(tmp) / "plan")
-        if fmt == gguf_format.NAME:  # the file is quantized from the folded float weights and the plan's clips
-            gguf_format.save_gguf(packed, plan, out, source_gguf=source_gguf, model_dir=model_dir,
-                                  plan_dir=Path(tmp) / "plan", overwrite=overwrite)
-        else:
-            save_quantized(packed, out, fmt=fmt, tokenizer=tok, plan_dir=Path(tmp) / "plan", overwrite=overwrite)
+        save_model(fmt, packed, plan, out, source, tokenizer=tok, plan_dir=Path(tmp) / "plan", overwrite=overwrite)
     rep.facts["size before"] = f"{fp_bytes / 2**20:.1f} MiB ({next(model.parameters()).dtype}, in memory)"
     return model, tok, packed
 
 
 def _describe_weights(rep: Report, plan, cfg: AWQConfig) -> None:
+    if cfg.activations is not None:
+        rep.facts["quantized activations"] = (f"inputs of every quantized linear, {cfg.activations.bits}-bit "
+                                              f"{cfg.activations.granularity}, dynamic, symmetric")
     if cfg.weights.is_gguf:
         rep.facts["quantized weights"] = f"{len(plan.weights)} (GGUF {cfg.weights.scheme}: {cfg.weights.bits}-bit " \
                                          f"blocks of {cfg.weights.group_size})"
@@ -294,7 +327,7 @@ def _describe_weights(rep: Report, plan, cfg: AWQConfig) -> None:
 
 def _quantize_blocks(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fmt: str, calib_source, samples: int,
                      seq_len: int, dtype: torch.dtype, offload_dir: str | None, overwrite: bool,
-                     progress: bool) -> None:
+                     progress: bool, source: ModelSource) -> None:
     with rep.stage("capture + discover"):
         sm = open_sequential(model_dir, dtype=dtype, quantize_head=cfg.quantize_head, device=cfg.runtime.device,
                              config=cfg)
@@ -307,7 +340,7 @@ def _quantize_blocks(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fm
     is_quantized = [sm.quantizes(b) for b in sm.blocks]
     rep.facts["blocks"] = f"{len(sm.blocks)} ({sum(is_quantized)} quantized)"
     view = sm.observed_view(cfg)
-    refuse_unfit_format(fmt, view, cfg)
+    refuse_unfit_format(fmt, view, cfg, sm.skeleton, source)
     report_dropped(rep, view)
     sizes = [sm.block_bytes(b) for b in sm.blocks]
     last = max(i for i, q in enumerate(is_quantized) if q) if any(is_quantized) else -1
@@ -351,8 +384,9 @@ def compare_methods(
     progress: bool = True,
     dtype: str | torch.dtype = "auto",
 ) -> dict[str, Any]:
-    """Perplexity of fp / RTN / AWQ at each bit width on ``text`` (the ``awqfx eval`` table), with
-    the model loaded in ``dtype`` (``"auto"``: the checkpoint's own).
+    """Perplexity of fp / RTN / SmoothQuant / AWQ at each bit width on ``text`` (the ``awqfx eval``
+    table), with the model loaded in ``dtype`` (``"auto"``: the checkpoint's own). ``base_config``'s
+    ``act_bits`` / ``act_granularity`` quantize the activations too (every method but fp).
 
     The model is captured and calibrated once; each bit width is a new search on the same
     statistics (they do not depend on the quantizer), so ``--bits 3,4`` costs one calibration.
@@ -376,22 +410,27 @@ def compare_methods(
             t0 = time.perf_counter()
             if observed is None:
                 observed = prepare(gm, cfg.with_(method="awq"))
-                if "awq" in methods:
+                if any(x in methods for x in ("awq", "smoothquant")):
                     calibrate(observed, assets.calibration_samples(tok, samples, seq_len, source=calib_source),
                               progress=progress)
             qgm = convert(gm, search(observed, cfg, progress=progress))
             t1 = time.perf_counter()
             ppl = perplexity(qgm, wins, progress=progress)
-            rows.append({"method": m, "bits": b, "group_size": group_size, "ppl": ppl, "quantize_seconds": t1 - t0})
+            row = {"method": m, "bits": b, "group_size": group_size, "ppl": ppl, "quantize_seconds": t1 - t0}
+            if cfg.activations is not None:
+                row.update(act_bits=cfg.activations.bits, act_granularity=cfg.activations.granularity)
+            rows.append(row)
             del qgm
     fp = next((r["ppl"] for r in rows if r["method"] == "fp"), None)
     for r in rows:
-        if r["method"] == "awq" and fp is not None:
+        if r["method"] in ("awq", "smoothquant") and fp is not None:
             rtn = next((x["ppl"] for x in rows if x["method"] == "rtn" and x["bits"] == r["bits"]), None)
             if rtn is not None and rtn != fp:
-                r["gap_recovered"] = (rtn - r["ppl"]) / (rtn - fp)
+                r["gap_recovered"] = gap_recovered(fp, rtn, r["ppl"])
+    act = AWQConfig.of(**{**(base_config or {}), "method": "rtn"}).activations
     return {"windows": int(wins.shape[0]), "seq_len": int(wins.shape[1]), "group_size": group_size,
-            "samples": samples, "rows": rows}
+            "samples": samples, "act_bits": None if act is None else act.bits,
+            "act_granularity": None if act is None else act.granularity, "rows": rows}
 
 
 def plot_results(result: dict[str, Any], path: str | Path) -> None:

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from awqfx.formats.common import (
-    Layer, QuantizedFileError, divisor_hint, linear_only_problems, mismatch, packed_layers, packing_problems,
-    read_all, refuse, split_state, unquantized_linears,
+    Layer, QuantizedFileError, activation_problems, divisor_hint, integer_grid_problems, linear_only_problems,
+    load_packed, mismatch, packed_layers, packing_problems, read_all, refuse, split_state, unquantized_linears,
 )
 from awqfx.modules import QuantLinear
 from awqfx.packed_model import quantized_weight_of
@@ -44,6 +44,8 @@ NAME = "autoawq"
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 #: Inverse permutation: output column 8j + c lives in nibble AWQ_REVERSE_ORDER[c].
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+#: What a quantized layer ``prefix`` stores its weight as (``prefix.<name>``; its bias is ``prefix.bias``).
+LAYER_TENSORS = ("qweight", "qzeros", "scales")
 
 
 def _gemm_problems(layer: Layer) -> list[str]:
@@ -72,7 +74,8 @@ UNQUANTIZED_KEY = "modules_to_not_convert"  # the quantization_config list of li
 
 def check(layers: list[Layer]) -> list[str]:
     """Every reason AutoAWQ GEMM cannot hold ``layers`` (empty: it can), one string per problem."""
-    problems = packing_problems(layers) + linear_only_problems(NAME, layers)
+    problems = packing_problems(layers) + linear_only_problems(NAME, layers) + activation_problems(NAME, layers)
+    problems += integer_grid_problems(layers)
     for layer in layers:
         if len(layer.shape) == 2:
             problems += _gemm_problems(layer)
@@ -191,7 +194,11 @@ def load_autoawq_qweights(path: str | os.PathLike) -> dict[str, QuantizedWeight]
     (a symmetric export reads back as zero points of 8, which dequantizes identically).
     """
     path = Path(path)
-    qcfg, tensors = read_all(path)
+    return _qweights(path, *read_all(path))
+
+
+def _qweights(path: Path, qcfg: dict, tensors: Mapping[str, Tensor]) -> dict[str, QuantizedWeight]:
+    """:func:`load_autoawq_qweights` of the export ``path`` read into ``qcfg`` and ``tensors``."""
     if qcfg.get("quant_method") != "awq" or str(qcfg.get("version", "")).lower() != "gemm":
         raise QuantizedFileError(f"{path} is not an AutoAWQ GEMM export (quantization_config={qcfg!r}).")
     g = int(qcfg.get("group_size", 128))
@@ -201,8 +208,16 @@ def load_autoawq_qweights(path: str | os.PathLike) -> dict[str, QuantizedWeight]
             continue
         prefix = key[: -len(".qweight")]
         try:
-            parts = {n: tensors[f"{prefix}.{n}"] for n in ("qweight", "qzeros", "scales")}
+            parts = {n: tensors[f"{prefix}.{n}"] for n in LAYER_TENSORS}
             out[f"{prefix}.weight"] = from_autoawq_gemm(parts, g, int(parts["qweight"].shape[0]))
         except (KeyError, ValueError) as err:
             raise mismatch(path, [f"layer {prefix}: {err}"]) from err
     return out
+
+
+def load(out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """The AutoAWQ GEMM export in ``out_dir`` as a packed model (``QuantLinear`` layers, the other
+    tensors in ``dtype``): the format's reader (:func:`awqfx.formats.load_written`)."""
+    path = Path(out_dir)
+    qcfg, tensors = read_all(path)
+    return load_packed(path, tensors, _qweights(path, qcfg, tensors), LAYER_TENSORS, dtype)

@@ -1,6 +1,7 @@
 """What the three checkpoint formats share: layer descriptions for the format checks, the
 checkpoint directory (atomic write, config.json), safe file reading and the skeleton a loader
-fills.
+fills (for AutoAWQ and compressed-tensors, :func:`load_packed`: the packed model rebuilt around
+the weights their readers give).
 
 Every format is a directory holding ``config.json`` (the HF model config plus a
 ``quantization_config``; none in the float ``smoothed`` format) and ``model.safetensors``
@@ -39,19 +40,23 @@ import safetensors
 import safetensors.torch
 import torch
 from torch import nn
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig
 
 from awqfx.apply import InputScale
+from awqfx.config import ActSpec
 from awqfx.formats.shards import DEFAULT_SHARD_BYTES, INDEX_NAME, WEIGHTS_NAME, ShardWriter
 from awqfx.graph import float_dtype
+from awqfx.int8_linear import Int8Linear, int8_modules
 from awqfx.modules import QuantLinear
 from awqfx.packed_experts import packed_experts
-from awqfx.quant import QuantSpec
+from awqfx.packed_model import parent_map
+from awqfx.quant import QuantizedWeight, QuantSpec
 
 CONFIG_NAME = "config.json"
 PLAN_SUBDIR = "awq_plan"
 INPUT_SCALE = "awqfx_input_scale"
 QL_TENSORS = ("qweight", "scales", "qzeros", "bias")
+INT8_TENSORS = ("int_weight", "weight_scale", "weight_zero", "bias")  # Int8Linear's state
 
 
 class QuantizedFileError(ValueError):
@@ -72,7 +77,8 @@ class Layer:
     ``shape``: the weight as the model stores it; ``in_dim``: its dim contracted with the input
     (the last one for ``nn.Linear``'s ``[out, in]``, 0 for GPT-2's ``Conv1D`` ``[in, out]``);
     ``tied``: the tensor is shared with another parameter (a tied LM head); ``input_scale``: the
-    layer reads its input through an inserted AWQ scale node (an activation group's ``1/s``).
+    layer reads its input through an inserted AWQ scale node (an activation group's ``1/s``);
+    ``act``: the layer quantizes its input activations too (weight-activation mode), or None.
     """
 
     name: str
@@ -81,6 +87,7 @@ class Layer:
     spec: QuantSpec
     tied: bool = False
     input_scale: bool = False
+    act: ActSpec | None = None
 
     @property
     def in_features(self) -> int:
@@ -113,13 +120,38 @@ def divisor_hint(in_features: int) -> str:
 
 
 def packing_problems(layers: list[Layer]) -> list[str]:
-    """What no format can store: a tied weight cannot become a packed layer without untying it."""
+    """What no format can store: a tied weight cannot become a packed layer without untying it, and
+    no packed expert module quantizes its input activations."""
     return [
         f"{layer.where} is tied (shared) with another module's weight: packing it would untie the model; "
         "leave it in float (quantize_head=False)"
         for layer in layers
         if layer.tied
+    ] + [
+        f"{layer.where} is a 3-D fused MoE expert weight, and no packed expert module quantizes its input "
+        "activations; quantize weights only (no --act-bits), or --ignore the experts"
+        for layer in layers
+        if layer.act is not None and len(layer.shape) != 2
     ]
+
+
+def integer_grid_problems(layers: list[Layer]) -> list[str]:
+    """What a packed layer cannot store: weights quantized with GGUF blocks, which have no integer
+    zero-point form (packed layers hold codes on awqfx's integer grid)."""
+    gguf_types = sorted({layer.spec.scheme for layer in layers if layer.spec.is_gguf})
+    if not gguf_types:
+        return []
+    return [f"the weights are quantized with GGUF {', '.join(gguf_types)} blocks, which have no integer "
+            "zero-point form: only --format gguf stores them"]
+
+
+def activation_problems(fmt: str, layers: list[Layer]) -> list[str]:
+    """What a weight-only format cannot store: quantized input activations (weight-activation mode)."""
+    acts = [layer.name for layer in layers if layer.act is not None]
+    if not acts:
+        return []
+    return [f"{len(acts)} layers quantize their input activations (--act-bits), which {fmt} does not describe "
+            f"(weights only); use --format awqfx or compressed-tensors"]
 
 
 def linear_only_problems(fmt: str, layers: list[Layer]) -> list[str]:
@@ -146,6 +178,15 @@ def linear_only_problems(fmt: str, layers: list[Layer]) -> list[str]:
     return problems
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """What the model was loaded from, for a format that copies its metadata (GGUF): its Hugging
+    Face directory (config, tokenizer) and, when MODEL was a ``.gguf`` file, that file."""
+
+    model_dir: Path | None = None
+    gguf_file: Path | None = None
+
+
 def format_error(fmt: str, problems: list[str]) -> FormatError:
     return FormatError(f"cannot export as {fmt}: " + "; ".join(problems) + ".")
 
@@ -168,14 +209,15 @@ def packed_layers(model: nn.Module, qmods: Mapping[str, QuantLinear]) -> list[La
         skeleton = None
     scaled = input_scales(model)
     layers = []
-    for prefix, m in qmods.items():
+    for prefix, m in [*qmods.items(), *int8_modules(model).items()]:
         in_dim = 1
         if skeleton is not None:
             with contextlib.suppress(AttributeError):
                 in_dim = 1 if isinstance(skeleton.get_submodule(prefix), nn.Linear) else 0
         shape = (m.out_features, m.in_features) if in_dim == 1 else (m.in_features, m.out_features)
         spec = QuantSpec(bits=m.bits, group_size=m.group_size, symmetric=bool(m.symmetric))
-        layers.append(Layer(f"{prefix}.weight", shape, in_dim, spec, input_scale=prefix in scaled))
+        layers.append(Layer(f"{prefix}.weight", shape, in_dim, spec, input_scale=prefix in scaled,
+                            act=getattr(m, "act", None)))
     for name, e in packed_experts(model).items():
         layers.append(Layer(name, tuple(e.weight_shape), e.in_dim, e.spec))
     return layers
@@ -276,9 +318,11 @@ def dedupe_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def split_state(model: nn.Module, qmods: Mapping[str, QuantLinear]) -> dict[str, torch.Tensor]:
-    """The model's state dict without the tensors of the packed modules, deduplicated."""
+    """The model's state dict without the tensors of the packed modules (``QuantLinear`` and
+    ``Int8Linear``), deduplicated."""
     state = model.state_dict()
     quantized_keys = {f"{p}.{t}" for p in qmods for t in QL_TENSORS}
+    quantized_keys |= {f"{p}.{t}" for p in int8_modules(model) for t in INT8_TENSORS}
     return dedupe_state({k: v for k, v in state.items() if k not in quantized_keys})
 
 
@@ -471,3 +515,111 @@ def read_all(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     with SafeFile(weight_files(path)) as f:
         tensors = {k: f.tensor(k) for k in f.keys()}
     return cfg["quantization_config"], tensors
+
+
+# =========================================================================== rebuild the model
+
+
+def hf_config(path: Path, cfg: dict) -> Any:
+    """The transformers config of the checkpoint ``path`` from its ``config.json`` (``cfg``),
+    without the ``quantization_config``."""
+    model_type = cfg.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise QuantizedFileError(
+            f"{path / CONFIG_NAME}: unknown or missing model_type {model_type!r}; cannot rebuild the model."
+        )
+    d = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    return CONFIG_MAPPING[model_type].from_dict(d)
+
+
+def fill_skeleton(path: Path, model: nn.Module, state: Mapping[str, torch.Tensor], groups: list[list[str]]) -> None:
+    """Load ``state`` into the meta skeleton ``model`` without copies (``assign``) and point every
+    name of a tied group (``groups``: :func:`alias_groups` of the skeleton) at the one tensor loaded;
+    a tensor the skeleton has no place for, or of another shape, is a mismatch of ``path``."""
+    try:
+        unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
+    except RuntimeError as err:  # a shape that does not match the architecture
+        raise mismatch(path, [str(err)]) from err
+    if unexpected:
+        raise mismatch(path, [f"unexpected tensor {k} {list(state[k].shape)}" for k in unexpected])
+    retie(model, groups, set(state))
+
+
+def retie(model: nn.Module, groups: list[list[str]], loaded: set[str]) -> None:
+    """Point every name of a tied group at the one tensor that was loaded."""
+    for names in groups:
+        src_name = next((n for n in names if n in loaded), None)
+        if src_name is None:
+            continue
+        mod_name, _, leaf = src_name.rpartition(".")
+        src_mod = model.get_submodule(mod_name)
+        is_param = leaf in src_mod._parameters
+        src = src_mod._parameters[leaf] if is_param else src_mod._buffers[leaf]
+        for n in names:
+            if n == src_name:
+                continue
+            mn, _, lf = n.rpartition(".")
+            m = model.get_submodule(mn)
+            if is_param and lf in m._parameters:
+                m._parameters[lf] = src
+            elif lf in m._buffers:
+                m._buffers[lf] = src
+
+
+def refuse_unloaded(path: Path, model: nn.Module) -> None:
+    """A mismatch of ``path`` naming the parameters and buffers its files left on the meta device."""
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if leftover:
+        raise mismatch(path, [f"tensors not provided by the file: {leftover[:8]}"])
+
+
+def read_generation_config(path: Path, model: nn.Module) -> None:
+    """Give ``model`` the checkpoint's ``generation_config.json``, when it has one that reads."""
+    if (path / "generation_config.json").is_file() and getattr(model, "generation_config", None) is not None:
+        with contextlib.suppress(Exception):
+            model.generation_config = GenerationConfig.from_pretrained(str(path))
+
+
+def swap_in_packed(path: Path, model: nn.Module, qweights: Mapping[str, QuantizedWeight],
+                   act: ActSpec | None = None) -> None:
+    """Replace the ``nn.Linear`` owning each weight of ``qweights`` (``prefix.weight``, ``[out, in]``)
+    with its packed module, which takes over the linear's (loaded) bias: a ``QuantLinear``, or given
+    ``act`` an ``Int8Linear`` quantizing its input with ``act``."""
+    modules, parents = dict(model.named_modules()), parent_map(model)
+    problems = []
+    for fqn, qw in qweights.items():
+        prefix = fqn.rpartition(".")[0]
+        linear = modules.get(prefix) if prefix else None
+        if not isinstance(linear, nn.Linear) or tuple(linear.weight.shape) != tuple(qw.shape):
+            problems.append(f"quantized layer {prefix} ([out, in] = {list(qw.shape)}) is not an nn.Linear of that "
+                            "shape in this architecture")
+        elif linear.bias is not None and linear.bias.device.type == "meta":
+            problems.append(f"missing tensor {prefix}.bias")
+        else:
+            packed = QuantLinear.from_quantized(qw, linear.bias) if act is None else \
+                Int8Linear.from_quantized(qw, act, linear.bias)
+            for parent, child_name in parents.get(id(linear), []):
+                setattr(parent, child_name, packed)
+    if problems:
+        raise mismatch(path, problems)
+
+
+def load_packed(path: Path, tensors: Mapping[str, torch.Tensor], qweights: Mapping[str, QuantizedWeight],
+                layer_tensors: tuple[str, ...], dtype: torch.dtype | None = None,
+                act: ActSpec | None = None) -> nn.Module:
+    """The model of the checkpoint ``path`` (a format read into ``qweights``, ``{weight name:
+    QuantizedWeight}``, and ``tensors``, every tensor its files hold), in eval mode: the
+    architecture of its ``config.json``, each quantized weight's linear packed
+    (:func:`swap_in_packed`, with ``act``), every other tensor loaded (floats in ``dtype``; None: as
+    stored) and tied weights re-tied. ``layer_tensors``: the names a quantized layer ``prefix`` stores
+    its weight under (``prefix.<name>``), which the packed module replaces; its bias is the linear's."""
+    model = build_skeleton(hf_config(path, read_config(path)), dtype)
+    groups = alias_groups(model)
+    layer_keys = {f"{fqn.rpartition('.')[0]}.{name}" for fqn in qweights for name in layer_tensors}
+    state = {k: t.to(dtype) if dtype is not None and t.is_floating_point() else t
+             for k, t in tensors.items() if k not in layer_keys}
+    fill_skeleton(path, model, state, groups)
+    swap_in_packed(path, model, qweights, act)
+    refuse_unloaded(path, model)
+    read_generation_config(path, model)
+    return model.eval()

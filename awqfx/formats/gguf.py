@@ -31,7 +31,8 @@ What it can hold (:func:`check`, :func:`check_model`): the ``llama`` architectur
 arch ``llama``; other models are refused naming it), without rope scaling or linear biases;
 2-D ``nn.Linear`` weights whose input is a multiple of 32, quantized with a GGUF spec
 (``QuantSpec.gguf``); no activation scale nodes, no 3-D experts, no quantized tied head.
-Whole-graph mode only: the file is written from the whole folded model.
+Whole-graph mode only (:data:`MODES`): the file is written from the whole folded model and the
+plan (:func:`save_from_plan`), and ``--eval`` reads it back as transformers does (:func:`load`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ from transformers import AutoModelForCausalLM
 from awqfx.formats.common import (
     PLAN_SUBDIR,
     Layer,
+    ModelSource,
+    activation_problems,
     checkpoint_dir,
     dedupe_state,
     format_error,
@@ -70,7 +73,9 @@ __all__ = [
     "file_type",
     "ggml_type",
     "llama_permute",
+    "load",
     "load_gguf",
+    "save_from_plan",
     "save_gguf",
 ]
 
@@ -78,7 +83,9 @@ log = logging.getLogger(__name__)
 
 NAME = "gguf"
 WEIGHTS = "float"  # the apply_plan weights mode of the model save_gguf takes: folded, not quantized
+MODES = ("whole",)  # one file, written from the whole folded model: never block by block
 GGUF_NAME = "model.gguf"
+EVAL_NOTE = f"{GGUF_NAME} as transformers loads it"  # what --eval's "perplexity after" measures
 #: transformers ``model_type`` -> GGUF architecture this writer knows the conventions of.
 ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA}
 #: Metadata a GGUF source's copy does not keep (the writer sets them, or they describe the old file).
@@ -105,7 +112,7 @@ def file_type(type_name: str) -> gguf.LlamaFileType:
 
 def check(layers: list[Layer]) -> list[str]:
     """Every reason a GGUF file cannot hold ``layers`` (shapes and spec only, before calibration)."""
-    problems = packing_problems(layers) + linear_only_problems(NAME, layers)
+    problems = packing_problems(layers) + linear_only_problems(NAME, layers) + activation_problems(NAME, layers)
     specs = sorted({(layer.spec.bits, layer.spec.group_size, layer.spec.symmetric) for layer in layers
                     if not layer.spec.is_gguf})
     if specs:
@@ -144,11 +151,11 @@ def _head_dim(config: Any) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
-def check_model(model: nn.Module, source_gguf: Path | None = None, model_dir: Path | None = None) -> list[str]:
+def check_model(model: nn.Module, source: ModelSource) -> list[str]:
     """Every reason :func:`save_gguf` cannot write ``model`` (its architecture, parameter names and
-    metadata source), before calibration. ``source_gguf``: the ``.gguf`` it was loaded from, whose
-    metadata and tokenizer are copied; else ``model_dir``: its Hugging Face directory (config,
-    tokenizer)."""
+    metadata source), before calibration. ``source.gguf_file``: the ``.gguf`` it was loaded from,
+    whose metadata and tokenizer are copied; else ``source.model_dir``: its Hugging Face directory
+    (config, tokenizer)."""
     config = model.config
     mt = _model_type(config)
     if mt not in ARCHITECTURES:
@@ -166,11 +173,11 @@ def check_model(model: nn.Module, source_gguf: Path | None = None, model_dir: Pa
     unmapped = [n for n, g in names.items() if g is None]
     if unmapped:
         problems.append(f"no GGUF tensor name for {', '.join(unmapped[:5])}" + (" ..." if len(unmapped) > 5 else ""))
-    if source_gguf is not None:
-        problems += _source_problems(source_gguf, config, {g for g in names.values() if g})
-    elif model_dir is not None:
+    if source.gguf_file is not None:
+        problems += _source_problems(source.gguf_file, config, {g for g in names.values() if g})
+    elif source.model_dir is not None:
         try:
-            _hf_vocab(Path(model_dir))
+            _hf_vocab(Path(source.model_dir))
         except ValueError as e:
             problems.append(str(e))
     return problems
@@ -365,7 +372,7 @@ def save_gguf(model: nn.Module, plan: AWQPlan, out_dir: str | Path, source_gguf:
         raise ValueError("save_gguf needs the source's metadata: source_gguf (a .gguf) or model_dir (a HF directory)")
     source = None if source_gguf is None else Path(source_gguf)
     layers = [Layer(n, tuple(get_param(model, n).shape), wp.in_dim, wp.spec) for n, wp in plan.weights.items()]
-    problems = check(layers) + check_model(model, source, None if model_dir is None else Path(model_dir))
+    problems = check(layers) + check_model(model, ModelSource(None if model_dir is None else Path(model_dir), source))
     if not plan.weights:
         problems.append("the plan quantizes no weight")
     if plan.input_scales:
@@ -394,7 +401,18 @@ def save_gguf(model: nn.Module, plan: AWQPlan, out_dir: str | Path, source_gguf:
     return out
 
 
+def save_from_plan(model: nn.Module, plan: AWQPlan, out_dir: str | Path, source: ModelSource,
+                   plan_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+    """The format's writer (:func:`awqfx.formats.save_model`): :func:`save_gguf` with the metadata
+    of ``source``."""
+    return save_gguf(model, plan, out_dir, source_gguf=source.gguf_file, model_dir=source.model_dir,
+                     plan_dir=plan_dir, overwrite=overwrite)
+
+
 def load_gguf(out_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model of ``out_dir/model.gguf`` as transformers loads it (dequantized to ``dtype``)."""
     return AutoModelForCausalLM.from_pretrained(str(out_dir), gguf_file=GGUF_NAME, dtype=dtype,
                                                 local_files_only=True).eval()
+
+
+load = load_gguf  # the format's reader (awqfx.formats.load_written)

@@ -4,7 +4,10 @@ layers, activation scale nodes; read back by :func:`load_quantized`::
     quantization_config = {"quant_method": "awqfx", "format_version": 1,
                            "modules": {prefix: {"bits", "group_size", "symmetric",
                                                 "in_features", "out_features", "bias"}},
-                           "input_scales": [prefix, ...]}   # only when there are any
+                           "input_scales": [prefix, ...],   # only when there are any
+                           "int8_modules": {prefix: {"bits", "group_size", "symmetric", "in_features",
+                                                     "out_features", "bias", "act_bits",
+                                                     "act_granularity"}}}   # only when there are any
 
 Tensors: ``QuantLinear``'s state dict, i.e. ``prefix.qweight`` (int32 ``[out, ceil(in*b/32)]``,
 dense LSB-first along ``in``), ``prefix.scales`` (fp32 ``[out, G]``), ``prefix.qzeros`` (uint8
@@ -28,22 +31,21 @@ scale/zero cache, ``x * factor.to(x.dtype)``). The cost over bf16 scales is 2 by
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
-from transformers import CONFIG_MAPPING, GenerationConfig
 
 from awqfx.apply import InputScale
+from awqfx.config import ActSpec
 from awqfx.formats.common import (
-    CONFIG_NAME, INPUT_SCALE, QL_TENSORS, Layer, QuantizedFileError, SafeFile, alias_groups, build_skeleton,
-    dedupe_state, input_scales, mismatch, packed_layers, packing_problems, read_config, refuse,
-    weight_files,
+    CONFIG_NAME, INPUT_SCALE, INT8_TENSORS, QL_TENSORS, Layer, QuantizedFileError, SafeFile, alias_groups, build_skeleton,
+    dedupe_state, fill_skeleton, hf_config, input_scales, integer_grid_problems, mismatch, packed_layers,
+    packing_problems, read_config, read_generation_config, refuse, refuse_unloaded, weight_files,
 )
+from awqfx.int8_linear import Int8Linear, int8_modules
 from awqfx.modules import QuantLinear
 from awqfx.packed_experts import PackedExperts, attach, packed_experts
 from awqfx.packed_model import parent_map
@@ -52,17 +54,21 @@ from awqfx.quant import QuantSpec
 NAME = "awqfx"
 NATIVE_FORMAT_VERSION = 1
 _NATIVE_KEYS = ("bits", "group_size", "symmetric", "in_features", "out_features", "bias")
-_QL_DTYPES = {"qweight": torch.int32, "scales": torch.float32, "qzeros": torch.uint8}
+_QL_DTYPES = {"qweight": torch.int32, "scales": torch.float32, "qzeros": torch.uint8,
+              "int_weight": torch.int8, "weight_scale": torch.float32, "weight_zero": torch.int8}
 _ST_DTYPES = {
     torch.int32: "I32",
     torch.uint8: "U8",
+    torch.int8: "I8",
     torch.float32: "F32",
 }
+_INT8_KEYS = (*_NATIVE_KEYS, "act_bits", "act_granularity")
 
 
 def check(layers: list[Layer]) -> list[str]:
-    """Every reason the native format cannot hold ``layers`` (only tied weights: nothing packs them)."""
-    return packing_problems(layers)
+    """Every reason the native format cannot hold ``layers`` (tied weights: nothing packs them; GGUF
+    block specs: no integer grid)."""
+    return packing_problems(layers) + integer_grid_problems(layers)
 
 
 def payload(model: nn.Module, qmods: Mapping[str, QuantLinear]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -80,6 +86,12 @@ def payload(model: nn.Module, qmods: Mapping[str, QuantLinear]) -> tuple[dict[st
         for prefix, m in qmods.items()
     }
     qcfg = {"quant_method": "awqfx", "format_version": NATIVE_FORMAT_VERSION, "modules": modules}
+    int8 = {prefix: {"bits": int(m.bits), "group_size": int(m.group_size), "symmetric": bool(m.symmetric),
+                     "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+                     "act_bits": m.act.bits, "act_granularity": m.act.granularity}
+            for prefix, m in int8_modules(model).items()}
+    if int8:
+        qcfg["int8_modules"] = int8
     experts = packed_experts(model)
     if experts:
         qcfg["experts"] = {name: {"shape": list(m.shape), "in_dim": m.in_dim, "dtype": str(m.dtype).removeprefix("torch."),
@@ -104,28 +116,20 @@ def _native_modules(path: Path, qcfg: dict) -> dict[str, dict]:
             f"{NATIVE_FORMAT_VERSION}. Upgrade awqfx or re-export the model."
         )
     modules = qcfg.get("modules")
-    if not isinstance(modules, dict) or not modules:
+    int8 = qcfg.get("int8_modules", {})
+    if not isinstance(modules, dict) or not isinstance(int8, dict) or not (modules or int8):
         raise QuantizedFileError(f"{path / CONFIG_NAME}: quantization_config.modules is missing or empty.")
-    for prefix, entry in modules.items():
-        if not isinstance(entry, dict) or any(k not in entry for k in _NATIVE_KEYS):
-            raise QuantizedFileError(
-                f"{path / CONFIG_NAME}: quantization_config.modules[{prefix!r}] must have the keys "
-                f"{', '.join(_NATIVE_KEYS)}; got {entry!r}."
-            )
-        ints = ("bits", "group_size", "in_features", "out_features")
-        if any(isinstance(entry[k], bool) or not isinstance(entry[k], int) for k in ints):
-            raise QuantizedFileError(f"{path / CONFIG_NAME}: modules[{prefix!r}] has non-integer fields: {entry!r}.")
+    for section, keys, entries in (("modules", _NATIVE_KEYS, modules), ("int8_modules", _INT8_KEYS, int8)):
+        for prefix, entry in entries.items():
+            if not isinstance(entry, dict) or any(k not in entry for k in keys):
+                raise QuantizedFileError(
+                    f"{path / CONFIG_NAME}: quantization_config.{section}[{prefix!r}] must have the keys "
+                    f"{', '.join(keys)}; got {entry!r}."
+                )
+            ints = ("bits", "group_size", "in_features", "out_features")
+            if any(isinstance(entry[k], bool) or not isinstance(entry[k], int) for k in ints):
+                raise QuantizedFileError(f"{path / CONFIG_NAME}: {section}[{prefix!r}] has non-integer fields: {entry!r}.")
     return modules
-
-
-def _hf_config(path: Path, cfg: dict) -> Any:
-    model_type = cfg.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise QuantizedFileError(
-            f"{path / CONFIG_NAME}: unknown or missing model_type {model_type!r}; cannot rebuild the model."
-        )
-    d = {k: v for k, v in cfg.items() if k != "quantization_config"}
-    return CONFIG_MAPPING[model_type].from_dict(d)
 
 
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", backend: str = "auto") -> nn.Module:
@@ -156,16 +160,18 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         }.get(method, f"quant_method {method!r}")
         raise QuantizedFileError(f"{path} is {other}, not an awqfx checkpoint.")
     modules = _native_modules(path, qcfg)
+    int8 = qcfg.get("int8_modules", {})
+    quantized = {**modules, **int8}
     wfiles = weight_files(path)
     dev = torch.device(device)
 
     with SafeFile(wfiles, device=str(dev) if dev.type != "meta" else "cpu") as f:
         file_meta = {k: f.meta(k) for k in f.keys()}
 
-        model = build_skeleton(_hf_config(path, cfg))
+        model = build_skeleton(hf_config(path, cfg))
         parents = parent_map(model)
         problems: list[str] = []
-        for prefix, e in modules.items():
+        for prefix, e in quantized.items():
             try:
                 orig = model.get_submodule(prefix)
             except AttributeError:
@@ -185,17 +191,24 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
                 )
             except ValueError as err:
                 raise QuantizedFileError(f"{path / CONFIG_NAME}: bad entry for {prefix}: {err}") from err
-            # a ValueError from here is about `backend` (e.g. int4pack on a layer it can't run)
-            ql = QuantLinear(
-                e["in_features"],
-                e["out_features"],
-                bits=e["bits"],
-                group_size=e["group_size"],
-                bias=bool(e["bias"]),
-                backend=backend,
-                symmetric=bool(e["symmetric"]),
-                device="meta",
-            )
+            if prefix in int8:
+                try:
+                    act = ActSpec(e["act_bits"], e["act_granularity"])
+                except ValueError as err:
+                    raise QuantizedFileError(f"{path / CONFIG_NAME}: bad entry for {prefix}: {err}") from err
+                ql = Int8Linear(e["in_features"], e["out_features"], e["bits"], e["group_size"], bool(e["symmetric"]),
+                                act, bool(e["bias"]), device="meta")
+            else:  # a ValueError from here is about `backend` (e.g. int4pack on a layer it can't run)
+                ql = QuantLinear(
+                    e["in_features"],
+                    e["out_features"],
+                    bits=e["bits"],
+                    group_size=e["group_size"],
+                    bias=bool(e["bias"]),
+                    backend=backend,
+                    symmetric=bool(e["symmetric"]),
+                    device="meta",
+                )
             for parent, child_name in parents.get(id(orig), []):
                 setattr(parent, child_name, ql)
         problems += _attach_experts(model, qcfg.get("experts", {}))
@@ -204,11 +217,12 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
 
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         for prefix in qcfg.get("input_scales", []):
-            if prefix not in modules:
+            if prefix not in quantized:
                 problems.append(f"input scale for {prefix!r}, which is not a quantized module")
             else:
-                expected[f"{prefix}.{INPUT_SCALE}"] = (modules[prefix]["in_features"],)
+                expected[f"{prefix}.{INPUT_SCALE}"] = (quantized[prefix]["in_features"],)
         quantized_keys = {f"{p}.{t}": t for p in modules for t in QL_TENSORS}
+        quantized_keys.update({f"{p}.{t}": t for p in int8 for t in INT8_TENSORS})
         groups = alias_groups(model)
         alias_of = {n: g for g in groups for n in g}
         for k, (shape, _dt) in file_meta.items():
@@ -237,16 +251,10 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     for prefix in qcfg.get("input_scales", []):
         inv = state.pop(f"{prefix}.{INPUT_SCALE}")
         model.get_submodule(prefix).register_forward_pre_hook(InputScale(inv, prefix + ".weight"))
-    model.load_state_dict(state, strict=False, assign=True)
-    _retie(model, groups, set(file_meta))
-    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    if leftover:
-        raise mismatch(path, [f"tensors not provided by the file: {leftover[:8]}"])
+    fill_skeleton(path, model, state, groups)
+    refuse_unloaded(path, model)
     model.to(dev)
-    gen_file = path / "generation_config.json"
-    if gen_file.is_file() and getattr(model, "generation_config", None) is not None:
-        with contextlib.suppress(Exception):
-            model.generation_config = GenerationConfig.from_pretrained(str(path))
+    read_generation_config(path, model)
     return model.eval()
 
 
@@ -272,23 +280,7 @@ def _attach_experts(model: nn.Module, experts: dict) -> list[str]:
     return problems
 
 
-def _retie(model: nn.Module, groups: list[list[str]], loaded: set[str]) -> None:
-    """Point every name of a tied group at the one tensor that was loaded."""
-    for names in groups:
-        src_name = next((n for n in names if n in loaded), None)
-        if src_name is None:
-            continue
-        mod_name, _, leaf = src_name.rpartition(".")
-        src_mod = model.get_submodule(mod_name)
-        is_param = leaf in src_mod._parameters
-        src = src_mod._parameters[leaf] if is_param else src_mod._buffers[leaf]
-        for n in names:
-            if n == src_name:
-                continue
-            mn, _, lf = n.rpartition(".")
-            m = model.get_submodule(mn)
-            if is_param and lf in m._parameters:
-                m._parameters[lf] = src
-            elif lf in m._buffers:
-                m._buffers[lf] = src
-
+def load(out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """The format's reader (:func:`awqfx.formats.load_written`): :func:`load_quantized`, every
+    tensor in the dtype it was written in (the model's: ``dtype`` is not needed)."""
+    return load_quantized(out_dir)

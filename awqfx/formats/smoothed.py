@@ -11,16 +11,15 @@ float model: ``config.json`` *without* a ``quantization_config`` (plain
 
 Round-to-nearest of a smoothed weight at the plan's bits and group size (per-group min/max:
 :func:`~awqfx.quant.quantize_weight` with no range) gives the plan's integers, because the clamp
-makes each group's min/max the clip range: exactly, for asymmetric quantization of a float32
-model, in every group whose clip range lies inside its own values (the clip search's ranges
-always do, except on the zero side of a group whose weights all share one sign) and whose clip
-max maps to the top code (``round(max_val / scale) + zero == 2^b - 1``; it misses by one only at
-a rounding tie, ``|max_val| == |min_val|``, where the plan saturates weights beyond the range one
-code above the clamped ones). In a bf16/fp16 model a clamped value is the float32 bound rounded
-to that dtype, so round-to-nearest gives the plan's quantization with its bounds rounded to the
-model's dtype (docs/cli.md, "The smoothed format"). Symmetric quantization saturates clipped
-weights at the extra code ``-2^(b-1)``, which a clamped weight cannot reach: there the codes come
-out one higher.
+makes each group's min/max the clip range (the clip search's ranges always lie inside the
+group's own values): exactly, for asymmetric quantization of a float32 model, in every group
+whose clip max maps to the top code (``round(max_val / scale) + zero == 2^b - 1``; it misses by
+one only at a rounding tie, ``|max_val| == |min_val|``, where the plan saturates weights beyond
+the range one code above the clamped ones). In a bf16/fp16 model a clamped value is the float32
+bound rounded to that dtype, so round-to-nearest gives the plan's quantization with its bounds
+rounded to the model's dtype (docs/cli.md, "The smoothed format"). Symmetric quantization
+saturates clipped weights at the extra code ``-2^(b-1)``, which a clamped weight cannot reach:
+there the codes come out one higher.
 
 A group whose scale needs an inserted node (an activation producer, GELU -> fc2) has no place in
 a plain checkpoint: :func:`check` refuses it, before calibration; ``--drop-unfoldable`` leaves
@@ -29,10 +28,12 @@ such groups unscaled instead.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from awqfx.formats.common import FormatError, Layer, dedupe_state, input_scales
 from awqfx.modules import QuantLinear
@@ -40,6 +41,7 @@ from awqfx.packed_experts import packed_experts
 
 NAME = "smoothed"
 WEIGHTS = "smoothed"  # the apply_plan weights mode that makes the model this format writes
+EVAL_NOTE = "smoothed float model, not quantized"  # what --eval's "perplexity after" measures
 
 
 def check(layers: list[Layer]) -> list[str]:
@@ -79,3 +81,8 @@ def payload(model: nn.Module, qmods: Mapping[str, QuantLinear]) -> tuple[dict[st
             "(AWQConfig scales.drop_unfoldable) or use --format awqfx"
         )
     return dedupe_state(model.state_dict()), None
+
+
+def load(out_dir: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
+    """The smoothed model in ``out_dir`` as plain transformers loads it, in ``dtype``."""
+    return AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=dtype, local_files_only=True).eval()

@@ -10,7 +10,10 @@ Clip (after the weight's last scaling group)
     ``d_g G_g d_g^T`` from the input Gram ``G``). Then ``clip_rounds`` passes refine each group's
     choice against the whole row's output error ``d G d^T``: the other groups' errors add to or
     cancel this group's through the off-diagonal blocks of ``G``, which the per-group loss
-    ignores. Ratios are invariant to the per-row scaling a later group may fold into the weight
+    ignores. Every shrink moves a bound toward zero -- or, in a group whose weights all share one
+    sign, toward its zero-side bound, which stays put -- so a clipped range never reaches past the
+    group's own values on either side (clamping the weight to it gives the same quantizer: the
+    smoothed format). Ratios are invariant to the per-row scaling a later group may fold into the weight
     (v_proj rows, up_proj rows), so the plan stores absolute ranges computed on the final folds.
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ from awqfx.params import rows_view
 from awqfx.quant import QuantSpec, fake_quantize, group_bounds
 
 __all__ = ["clip_range", "block_grams", "input_gram", "clip_ratios", "refine_clip_jointly", "absolute_clip",
-           "search_clip"]
+           "search_clip", "input_cross"]
 
 
 def group_minmax(w_rows: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,13 +38,27 @@ def group_minmax(w_rows: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Ten
     return torch.stack(mx, -1), torch.stack(mn, -1)
 
 
+def clip_centre(mx: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    """The point of each group's range ``[mn, mx]`` nearest zero, which the clip shrinks toward:
+    0 when the range holds it, else the zero-side bound of a group whose weights all share one
+    sign (so that bound stays put instead of moving outward, past the group's own values)."""
+    return mn.clamp(min=0).minimum(mx)
+
+
+def shrink_toward(bound: torch.Tensor, centre: torch.Tensor, ratio) -> torch.Tensor:
+    """``bound`` moved toward ``centre`` to ``ratio`` of its distance (1: unmoved)."""
+    return centre + (bound - centre) * ratio
+
+
 def clip_range(mx: torch.Tensor, mn: torch.Tensor, ratio, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The clipped ``(max_val, min_val)`` of groups with range ``[mn, mx]`` at shrink ``ratio``
-    (``"minmax"``: ``ratio[..., 0]`` shrinks the max, ``ratio[..., 1]`` the min)."""
-    if mode == "minmax":
-        return mx * ratio[..., 0], mn * ratio[..., 1]
-    if mode == "asym":
-        return mx * ratio, mn * ratio
+    (``"minmax"``: ``ratio[..., 0]`` shrinks the max, ``ratio[..., 1]`` the min), never wider than
+    ``[mn, mx]`` on either side: ``minmax`` / ``asym`` shrink both bounds toward
+    :func:`clip_centre` (0 for a group holding both signs: ``mx * ratio``, ``mn * ratio``)."""
+    if mode in ("minmax", "asym"):
+        centre = clip_centre(mx, mn)
+        r_max, r_min = (ratio[..., 0], ratio[..., 1]) if mode == "minmax" else (ratio, ratio)
+        return shrink_toward(mx, centre, r_max), shrink_toward(mn, centre, r_min)
     m = torch.maximum(mx.abs(), mn.abs()) * ratio
     return torch.minimum(mx, m), torch.maximum(mn, -m)
 
@@ -79,22 +96,46 @@ def input_gram(x: torch.Tensor) -> torch.Tensor:
     return x.t() @ x / x.shape[0]
 
 
+def input_cross(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """``Q(x)^T (Q(x) - x) / T`` in float32 for tokens ``x`` [T, in] and their quantized ``xq``: the
+    cross term of the clip losses with quantized activations."""
+    xq = xq.float()
+    return xq.t() @ (xq - x.float()) / x.shape[0]
+
+
+def _group_sums(v: torch.Tensor, gs: int) -> torch.Tensor:
+    """Row sums of ``v`` [R, in] per quantization group: [R, G]."""
+    return torch.stack([v[:, a:b].sum(-1) for a, b in group_bounds(v.shape[-1], gs)], -1)
+
+
+def _cross_terms(w: torch.Tensor, cross: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(per group, whole row)``: ``w C^T`` [R, in] with ``C`` cut to its diagonal group blocks,
+    and with all of ``C`` (the linear term of the per-group and of the joint clip loss)."""
+    cross = cross.float().to(w.device)
+    blocks = torch.cat([w[:, a:b] @ cross[a:b, a:b].t() for a, b in group_bounds(w.shape[-1], gs)], 1)
+    return blocks, w @ cross.t()
+
+
 def clip_ratios(w_rows: torch.Tensor, grams: list[tuple[int, torch.Tensor]], spec: QuantSpec, mode: str,
-                ratios: list[float], sweeps: int = 2) -> torch.Tensor:
+                ratios: list[float], sweeps: int = 2, lin: torch.Tensor | None = None) -> torch.Tensor:
     """Best shrink ratio per (row, group) of ``w_rows`` [R, in] for inputs with the per-group
     Grams ``grams`` (:func:`block_grams`): the reference's loss, each group on its own.
 
     ``"sym"`` / ``"asym"`` try one shrink for the whole range (``[R, G]``). ``"minmax"`` starts
     from the best ``"asym"`` shrink, then refines the max and the min shrinks separately, one
     coordinate at a time, ``sweeps`` times each (each step can only lower the error), and returns
-    ``[R, G, 2]`` (max ratio, min ratio): 1 + 4 grid sweeps instead of the full grid squared."""
+    ``[R, G, 2]`` (max ratio, min ratio): 1 + 4 grid sweeps instead of the full grid squared.
+    ``lin`` [R, in]: the per-group linear term of quantized activations (:func:`_cross_terms`)."""
     gs = spec.effective_group_size(w_rows.shape[1])
     w = w_rows.float()
     grams = [(a, g.to(w.device, torch.float32)) for a, g in grams]
     mx, mn = group_minmax(w, gs)
+    centre = clip_centre(mx, mn)
 
     def err_of(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-        return _partial_sq_err(grams, fake_quantize(w, spec, max_val=hi, min_val=lo) - w)
+        d = fake_quantize(w, spec, max_val=hi, min_val=lo) - w
+        err = _partial_sq_err(grams, d)
+        return err if lin is None else err + 2 * _group_sums(d * lin, gs)
 
     best_err = torch.full(mx.shape, float("inf"), device=w.device)
     best = torch.ones(mx.shape, device=w.device)
@@ -109,7 +150,8 @@ def clip_ratios(w_rows: torch.Tensor, grams: list[tuple[int, torch.Tensor]], spe
     for _ in range(sweeps):
         for side in (0, 1):
             for r in ratios:
-                hi, lo = (mx * r, mn * rb) if side == 0 else (mx * ra, mn * r)
+                hi = shrink_toward(mx, centre, r if side == 0 else ra)
+                lo = shrink_toward(mn, centre, rb if side == 0 else r)
                 err = err_of(hi, lo)
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
@@ -121,7 +163,7 @@ def clip_ratios(w_rows: torch.Tensor, grams: list[tuple[int, torch.Tensor]], spe
 
 
 def refine_clip_jointly(w_rows: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, mode: str, ratio: torch.Tensor,
-                        ratios: list[float], rounds: int) -> torch.Tensor:
+                        ratios: list[float], rounds: int, lin: torch.Tensor | None = None) -> torch.Tensor:
     """Refine the per-group clip choice ``ratio`` (from :func:`clip_ratios`, same ``mode``) against
     the whole linear's output error ``d G d^T`` (``gram`` [in, in], mean over tokens).
 
@@ -130,13 +172,15 @@ def refine_clip_jointly(w_rows: torch.Tensor, gram: torch.Tensor, spec: QuantSpe
     each group in turn picks, per row, the candidate that minimises the row's total error given
     the other groups' current choice, ``rounds`` times over all groups: each step can only lower it.
     Candidates: the mode's shrink ratios (``"minmax"``: every max shrink with the current min
-    shrink, and every min shrink with the current max).
+    shrink, and every min shrink with the current max). ``lin`` [R, in]: the whole-row linear term
+    of quantized activations (:func:`_cross_terms`).
     """
     R, n = w_rows.shape
     gs = spec.effective_group_size(n)
     w = w_rows.float()
     gram = gram.float().to(w.device)
     mx, mn = group_minmax(w, gs)
+    centre = clip_centre(mx, mn)
     pair = mode == "minmax"
     ratio = ratio.to(w.device)
     d = fake_quantize(w, spec, *clip_range(mx, mn, ratio, mode)) - w
@@ -150,14 +194,19 @@ def refine_clip_jointly(w_rows: torch.Tensor, gram: torch.Tensor, spec: QuantSpe
             wg, gg = w[:, a:b], gram[a:b, a:b]
             cross = d @ gram[:, a:b] - d[:, a:b] @ gg  # [R, g]: what the other groups' errors add
             if pair:  # [R, 2k]: vary the max shrink, then the min shrink
-                hi = torch.cat([mx[:, gi, None] * cand, (mx[:, gi] * ra[:, gi])[:, None].expand(R, k)], 1)
-                lo = torch.cat([(mn[:, gi] * rb[:, gi])[:, None].expand(R, k), mn[:, gi, None] * cand], 1)
+                c = centre[:, gi, None]
+                hi = torch.cat([shrink_toward(mx[:, gi, None], c, cand),
+                                shrink_toward(mx[:, gi, None], c, ra[:, gi, None]).expand(R, k)], 1)
+                lo = torch.cat([shrink_toward(mn[:, gi, None], c, rb[:, gi, None]).expand(R, k),
+                                shrink_toward(mn[:, gi, None], c, cand)], 1)
             else:
                 hi, lo = clip_range(mx[:, gi, None], mn[:, gi, None], cand, mode)
             m = hi.shape[1]
             wr = wg.repeat_interleave(m, 0)
             sub = replace(spec, group_size=b - a)
             D = (fake_quantize(wr, sub, max_val=hi.reshape(-1, 1), min_val=lo.reshape(-1, 1)) - wr).reshape(R, m, b - a)
+            if lin is not None:
+                cross = cross + lin[:, a:b]
             err = ((D @ gg) * D).sum(-1) + 2 * (D * cross[:, None, :]).sum(-1)
             cur = ((d[:, a:b] @ gg) * d[:, a:b]).sum(-1) + 2 * (d[:, a:b] * cross).sum(-1)
             j = err.argmin(1)
@@ -182,12 +231,17 @@ def absolute_clip(w: torch.Tensor, in_dim: int, spec: QuantSpec, ratio: torch.Te
 
 
 def search_clip(w_rows: torch.Tensor, x: torch.Tensor, spec: QuantSpec, mode: str, ratios: list[float],
-                rounds: int) -> torch.Tensor:
+                rounds: int, xq: torch.Tensor | None = None) -> torch.Tensor:
     """Best shrink ratios of ``w_rows`` [R, in] for input tokens ``x`` [T, in]: the per-group
-    search, then ``rounds`` joint refinements (float32, outside any autocast)."""
+    search, then ``rounds`` joint refinements (float32, outside any autocast). ``xq``: the same
+    tokens as the linear reads them quantized (weight-activation mode; see the module doc)."""
+    gs = spec.effective_group_size(w_rows.shape[-1])
     with torch.autocast(x.device.type, enabled=False):
-        gram = input_gram(x)
-        r = clip_ratios(w_rows, block_grams(gram, spec.effective_group_size(w_rows.shape[-1])), spec, mode, ratios)
+        gram = input_gram(x if xq is None else xq)
+        per_group = whole = None
+        if xq is not None:
+            per_group, whole = _cross_terms(w_rows.float(), input_cross(x, xq), gs)
+        r = clip_ratios(w_rows, block_grams(gram, gs), spec, mode, ratios, lin=per_group)
         if rounds:
-            r = refine_clip_jointly(w_rows, gram, spec, mode, r, ratios, rounds)
+            r = refine_clip_jointly(w_rows, gram, spec, mode, r, ratios, rounds, lin=whole)
     return r

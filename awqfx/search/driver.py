@@ -6,6 +6,14 @@ best into the working copy; a weight task searches a weight's clip ranges
 (:mod:`awqfx.search.clip`) and, with ``propagate="quant"``, quantizes it there. The loss sample
 is replayed through the working copy on demand (:mod:`awqfx.search.replay`). The result is an
 :class:`~awqfx.plan.AWQPlan`; neither the observed graph nor the caller's model is modified.
+
+Weight-activation mode (``AWQConfig.activations``): the working copy has an activation quantizer
+before every quantized linear (:mod:`awqfx.passes.act_quantizers`). The replay runs them off
+with ``propagate="fp"`` (each group sees float outputs of earlier groups) and on with
+``"quant"``; a region's float reference runs them off, its candidates on (a candidate's scale
+divides the consumers' activations before they are quantized); the clip search scores ``Q(x)
+Q(w)`` against ``x w``. A config with SmoothQuant's scales (``AWQConfig.smoothquant``) computes
+them without a search (:mod:`awqfx.search.smoothquant`).
 """
 from __future__ import annotations
 
@@ -18,12 +26,14 @@ from tqdm.auto import tqdm
 
 import awqfx
 from awqfx import distributed
+from awqfx.act_quant import fake_quantize_activation
 from awqfx.config import AWQConfig
-from awqfx.graph import fetch_attr, float_dtype, linear_op, shallow_copy
+from awqfx.graph import fetch_attr, float_dtype, shallow_copy
 from awqfx.groups import ScaleGroup
 from awqfx.memory import release_memory
 from awqfx.observed import ObservedGraph
 from awqfx.params import fake_quantize_param, get_param, move_to, release_parameters, rows_view, set_param
+from awqfx.passes.act_quantizers import act_quantizers, float_input, insert_act_quantizers
 from awqfx.passes.dtype_asserts import drop_dtype_asserts
 from awqfx.passes.fold import fold_scales
 from awqfx.passes.input_scales import insert_input_scales
@@ -34,12 +44,14 @@ from awqfx.search.clip import absolute_clip, search_clip
 from awqfx.search.replay import Replay, chunk_sample, loss_sample
 from awqfx.search.scales import search_group
 from awqfx.search.schedule import schedule_tasks
+from awqfx.search.smoothquant import smoothquant_plan
 
 __all__ = ["search", "rtn_plan", "group_losses", "gap_recovered"]
 
 
 def weight_plans(observed: ObservedGraph, cfg: AWQConfig) -> dict[str, WeightPlan]:
-    """A :class:`WeightPlan` (spec, input dim) for every quantizable weight, validated against its shape."""
+    """A :class:`WeightPlan` (spec, input dim, activation spec) for every quantizable weight, validated
+    against its shape."""
     spec = cfg.spec
     out = {}
     for w in observed.discovery.quantizable:
@@ -47,7 +59,7 @@ def weight_plans(observed: ObservedGraph, cfg: AWQConfig) -> dict[str, WeightPla
             continue
         in_dim = observed.linears[w][2]
         spec.validate(get_param(observed.gm, w).shape[in_dim])
-        out[w] = WeightPlan(spec, in_dim)
+        out[w] = WeightPlan(spec, in_dim, act=cfg.activations)
     return out
 
 
@@ -58,17 +70,23 @@ def rtn_plan(observed: ObservedGraph, cfg: AWQConfig | None = None) -> AWQPlan:
                    {"awqfx_version": awqfx.__version__, "method": "rtn", "timings": dict(observed.timings)})
 
 
-def _working_copy(observed: ObservedGraph, groups: list[ScaleGroup], device) -> tuple[fx.GraphModule, dict[str, str]]:
+def _working_copy(observed: ObservedGraph, groups: list[ScaleGroup], device,
+                  weights: dict[str, WeightPlan]) -> tuple[fx.GraphModule, dict[str, str]]:
     """The search's private graph: no observers, no dtype asserts (they fail under autocast), on
     ``device``, with a unit input scale before every consumer of an activation group (folding
-    then only replaces buffers: the replayed graph never changes shape)."""
+    then only replaces buffers: the replayed graph never changes shape) and an activation
+    quantizer before every linear of a weight whose plan quantizes activations."""
     work = shallow_copy(observed.gm)
     remove_observers(work)
     drop_dtype_asserts(work)
     move_to(work, device)
     ones = {c.weight: torch.ones(c.columns.numel()) for g in groups if g.producer.kind == "activation"
             for c in g.consumers}
-    return work, insert_input_scales(work, ones) if ones else {}
+    input_attrs = insert_input_scales(work, ones) if ones else {}
+    acts = {w: wp.act for w, wp in weights.items() if wp.act is not None}
+    if acts:
+        insert_act_quantizers(work, acts)
+    return work, input_attrs
 
 
 def _give_weights(observed: ObservedGraph) -> None:
@@ -113,22 +131,27 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     With ``propagate="quant"`` the observed graph keeps them: its final fold starts from them.
     """
     cfg = config or observed.config
-    if cfg.scales is None and cfg.clip is None:
+    if not cfg.needs_calibration:
         return rtn_plan(observed, cfg)
     _check_calibrated(observed)
     t_start = time.perf_counter()
     spec = cfg.spec
     weights = weight_plans(observed, cfg)
+    if cfg.smoothquant is not None:
+        return smoothquant_plan(observed, cfg, weights)
     groups = [g for g in observed.groups if cfg.scales is not None
               and any(c.quantize and c.weight in weights for c in g.consumers)]
     device = torch.device(cfg.runtime.device or next(iter(observed.gm.parameters())).device)
-    work, input_attrs = _working_copy(observed, groups, device)
+    work, input_attrs = _working_copy(observed, groups, device, weights)
     quant_mode = cfg.scales is not None and cfg.scales.propagate == "quant"
+    quantizers = act_quantizers(work)
+    for q in quantizers.values():  # the replay: float activations upstream, or quantized ones with "quant"
+        q.enabled = quant_mode
     if take_weights and not quant_mode:
         _give_weights(observed)
     by_name = {n.name: n for n in work.graph.nodes}
     lin_node = {w: by_name[observed.linears[w][0]] for w in weights}
-    data_node = {w: linear_op(work, n).data for w, n in lin_node.items()}  # after the input scales
+    data_node = {w: float_input(work, n) for w, n in lin_node.items()}  # after the input scales
 
     clip = cfg.clip
     qk = set(observed.discovery.attention_qk) if clip is not None and clip.skip_qk else set()
@@ -162,7 +185,8 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
                 stream.pinned = set(reg.env_nodes)
                 stream.ensure(reg.env_nodes)
                 params = {t: fetch_attr(work, t) for t in reg.attrs}
-                scale_of[what], infos[what] = search_group(observed, work, reg, g, params, stream.envs, cfg, device)
+                scale_of[what], infos[what] = search_group(observed, work, reg, g, params, stream.envs, cfg, device,
+                                                           quantizers)
                 if infos[what]["choice"] != "identity":
                     fold_scales(work, [g], [scale_of[what]])
                     stream.invalidate(_changed_by_fold(g, input_attrs))
@@ -171,13 +195,11 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
                 w, in_dim = what, weights[what].in_dim
                 if w in clip_set and distributed.owns(clip_turn[w]):
                     stream.pinned = {data_node[w]}
-                    xs = [v.reshape(-1, v.shape[-1]) for v in stream.values(data_node[w])]
-                    x = torch.cat(xs, 0) if len(xs) > 1 else xs[0]
-                    x = x[:: max(1, x.shape[0] // clip.tokens)][: clip.tokens]
+                    x, xq = _clip_tokens(stream.values(data_node[w]), weights[w].act, clip.tokens)
                     wr = rows_view(get_param(work, w).detach(), in_dim).float()
-                    ratio_of[w] = search_clip(wr, x, spec, clip.mode, clip.shrink_ratios(), clip.rounds).cpu()
+                    ratio_of[w] = search_clip(wr, x, spec, clip.mode, clip.shrink_ratios(), clip.rounds, xq=xq).cpu()
                     clip_tokens[w] = x.shape[0]
-                    del x, xs
+                    del x, xq
                 if w in clip_set and quant_mode:  # the quantized weight feeds later tasks: every rank needs its clip now
                     ratio_of[w], clip_tokens[w] = distributed.broadcast(
                         (ratio_of.get(w), clip_tokens.get(w)), distributed.owner(clip_turn[w]), what="the clip search")
@@ -226,6 +248,18 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     }
     plan_groups = [GroupPlan(groups[gi], scale_of[gi].float().cpu(), infos[gi]) for gi in sorted(scale_of)]
     return AWQPlan(plan_groups, weights, cfg.to_dict(), meta)
+
+
+def _clip_tokens(values: list[torch.Tensor], act, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``n_tokens`` evenly spaced input tokens of a linear ``[T, in]`` from the replay's values, and
+    the same tokens quantized as the linear reads them (``act``; None: weight-only), each chunk
+    quantized on its own as the graph does (a per-tensor scale is one chunk's)."""
+    def rows(vs: list[torch.Tensor]) -> torch.Tensor:
+        flat = [v.reshape(-1, v.shape[-1]) for v in vs]
+        x = torch.cat(flat, 0) if len(flat) > 1 else flat[0]
+        return x[:: max(1, x.shape[0] // n_tokens)][:n_tokens]
+
+    return rows(values), None if act is None else rows([fake_quantize_activation(v, act) for v in values])
 
 
 def group_losses(plan: AWQPlan) -> list[tuple[str, float, float]]:

@@ -24,6 +24,7 @@ from awqfx.graph import linear_op
 from awqfx.groups import ScaleGroup
 from awqfx.observed import ObservedGraph
 from awqfx.params import column_scale, from_rows, get_param, rows_view
+from awqfx.passes.act_quantizers import ActQuantizer, quantizing
 from awqfx.passes.region import Region
 from awqfx.quant import QuantSpec, fake_quantize, group_bounds
 
@@ -143,26 +144,37 @@ def _shared(losses: torch.Tensor) -> list[float]:
     return distributed.all_reduce_sum(losses, what="the scale search").tolist()
 
 
-def _losses(reg: Region, g: ScaleGroup, params: dict, envs: list[dict], cands, spec: QuantSpec, device) -> list[float]:
+def _losses(reg: Region, g: ScaleGroup, params: dict, envs: list[dict], cands, spec: QuantSpec, device,
+            quantizers: dict[str, ActQuantizer]) -> list[float]:
     """Each candidate's MSE of the region output against the current float weights' (each rank
-    computes its round-robin share of the candidates)."""
+    computes its round-robin share of the candidates); ``quantizers``: the working graph's
+    activation quantizers by linear node (empty: weight-only)."""
     feeds = [[env[n] for n in reg.env_nodes] for env in envs]
-    ref = [region_outputs(reg.gm(*f, *[params[t] for t in reg.attrs])) for f in feeds]
+    with quantizing(quantizers.values(), False):
+        ref = [region_outputs(reg.gm(*f, *[params[t] for t in reg.attrs])) for f in feeds]
     numel = sum(t.numel() for r in ref for t in r)
     losses = torch.zeros(len(cands), dtype=torch.float64)
-    for i, (_label, _form, _alpha, s_full) in enumerate(cands):
-        if not distributed.owns(i):
-            continue
-        p = dict(params)
-        for c in g.consumers:
-            if c.quantize and c.weight in p:
-                p[c.weight] = candidate_weight(params[c.weight], c, s_full.to(device), spec)
-        err = 0.0
-        for f, r in zip(feeds, ref):
-            for o, rr in zip(region_outputs(reg.gm(*f, *[p[t] for t in reg.attrs])), r):
-                d = o.float() - rr.float()
-                err += float(d.square_().sum(dtype=torch.float64))  # in place: one output-sized temporary
-        losses[i] = err / max(1, numel)
+    smoothed = [(quantizers[c.node], c) for c in g.consumers if c.quantize and c.node in quantizers]
+    try:
+        for i, (_label, _form, _alpha, s_full) in enumerate(cands):
+            if not distributed.owns(i):
+                continue
+            p = dict(params)
+            for c in g.consumers:
+                if c.quantize and c.weight in p:
+                    p[c.weight] = candidate_weight(params[c.weight], c, s_full.to(device), spec)
+            for q, c in smoothed:
+                q.smooth = column_scale(c.columns, s_full).to(device)
+            err = 0.0
+            with quantizing(quantizers.values(), True):
+                for f, r in zip(feeds, ref):
+                    for o, rr in zip(region_outputs(reg.gm(*f, *[p[t] for t in reg.attrs])), r):
+                        d = o.float() - rr.float()
+                        err += float(d.square_().sum(dtype=torch.float64))  # in place: one output-sized temporary
+            losses[i] = err / max(1, numel)
+    finally:
+        for q, _c in smoothed:
+            q.smooth = None
     return _shared(losses)
 
 
@@ -189,9 +201,11 @@ def _gram_is_cheaper(c, data: fx.Node, params: dict, envs: list[dict]) -> bool:
 
 
 def search_group(observed: ObservedGraph, work: fx.GraphModule, reg: Region, g: ScaleGroup, params: dict,
-                 envs: list[dict], cfg: AWQConfig, device) -> tuple[torch.Tensor, dict]:
+                 envs: list[dict], cfg: AWQConfig, device,
+                 quantizers: dict[str, ActQuantizer] | None = None) -> tuple[torch.Tensor, dict]:
     """The best full scale of group ``g`` on the loss sample (``envs``: the replay's values of the
-    region inputs) and what was tried: ``(scale, info)``."""
+    region inputs) and what was tried: ``(scale, info)``. ``quantizers``: the working graph's
+    activation quantizers by linear node name (weight-activation mode)."""
     spec = cfg.spec
     x_mean = channel_x_mean(observed, g)
     w_mean = channel_w_mean(work, g, spec) if cfg.scales.form in ("duo", "both") else None
@@ -200,7 +214,7 @@ def search_group(observed: ObservedGraph, work: fx.GraphModule, reg: Region, g: 
     if lone is not None and _gram_is_cheaper(lone[0], lone[1], params, envs):
         losses = _gram_losses(lone[0], lone[1], params, envs, cands, spec, device)
     else:
-        losses = _losses(reg, g, params, envs, cands, spec, device)
+        losses = _losses(reg, g, params, envs, cands, spec, device, quantizers or {})
     # s = 1 is always evaluated (the RTN loss); it competes when asked to, and in form "x",
     # whose grid point alpha = 0 it is.
     id_ok = cfg.scales.include_identity or cfg.scales.form in ("x", "both")

@@ -1,0 +1,60 @@
+"""Time one packed int4 layer's kernels against dense matmuls, per layer shape and token count.
+
+    python benchmarks/int4_kernels.py [--shapes 1536x576,576x1536,576x576] [--tokens 1,8,32,128,512]
+
+Prints microseconds per call (best of 3 x 20 calls) of ``F.linear`` in bf16 and in fp32 and of
+PyTorch's CPU int4 kernel (``aten._weight_int4pack_mm_for_cpu``, bf16 activations, group 64), and
+of awqfx's dense path (dequantize the int4 layout into a reused buffer, one fp32 matmul): what
+``awqfx.kernel_choice`` weighs on the running machine.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from awqfx.kernels import dense_linear, int4pack_matmul, pack_int4_scale_zeros, pack_int4_weight
+
+
+def best_us(fn, calls: int = 20) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="1536x576,576x1536,576x576", help="N x K of the layers")
+    ap.add_argument("--tokens", default="1,8,32,128,512", help="rows of the input")
+    ap.add_argument("--group-size", type=int, default=64)
+    args = ap.parse_args()
+    g = args.group_size
+    gen = torch.Generator().manual_seed(0)
+    print(f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; microseconds per call")
+    print(f"{'N x K':>11}{'tokens':>8}{'bf16':>11}{'fp32':>11}{'int4':>11}{'dense fp32':>12}")
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+        scale = torch.rand(n, k // g, generator=gen) / 100
+        zero = torch.randint(0, 16, (n, k // g), generator=gen)
+        packed, sz = pack_int4_weight(q), pack_int4_scale_zeros(scale, zero)
+        w32 = ((q.view(n, k // g, g) - zero[..., None]) * scale[..., None]).view(n, k)
+        w16 = w32.bfloat16()
+        for m in (int(v) for v in args.tokens.split(",")):
+            x16 = torch.randn(m, k, generator=gen).bfloat16()
+            x32 = x16.float()
+            times = [best_us(lambda: F.linear(x16, w16)), best_us(lambda: F.linear(x32, w32)),
+                     best_us(lambda: int4pack_matmul(x16, packed, sz, g)),
+                     best_us(lambda: dense_linear(x16, packed, sz, g, torch.float32))]
+            print(f"{shape:>11}{m:>8}" + "".join(f"{t:>11,.0f}" for t in times[:3]) + f"{times[3]:>12,.0f}")
+
+
+if __name__ == "__main__":
+    main()
