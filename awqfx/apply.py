@@ -136,6 +136,10 @@ def apply_plan(target: nn.Module, plan: AWQPlan, weights: str = "fake", inplace:
         quantize_linears(out, plan.weights)
         _quantize_inputs(out, acts)
     elif weights == "smoothed":
+        refined = sorted(n for n, wp in plan.weights.items() if wp.codes is not None)
+        if refined:
+            raise ValueError(f"smoothed weights are clamped for round-to-nearest; the plan's refined codes cannot be "
+                             f"written so ({refined[:3]}): apply it with weights='fake' or 'packed'")
         for name, wp in plan.weights.items():
             set_param(out, name, clamp_param(get_param(out, name), wp.in_dim, wp.spec, wp.max_val, wp.min_val))
     elif weights == "packed":

@@ -23,14 +23,15 @@ import torch
 
 from awqfx.quant import QuantSpec
 
-__all__ = ["AWQConfig", "ScaleSearch", "SmoothQuant", "ClipSearch", "Runtime", "GroupSpec", "ActSpec", "FLAT_FIELDS",
+__all__ = ["AWQConfig", "ScaleSearch", "SmoothQuant", "ClipSearch", "Refine", "Runtime", "GroupSpec", "ActSpec", "FLAT_FIELDS",
            "ConfigError", "ACT_GRANULARITIES", "ACT_MODE_WEIGHTS"]
 
 _SCALE_FORMS = ("x", "duo", "both")
 _CLIPS = ("asym", "minmax", "sym")
 _PROPAGATE = ("fp", "quant")
 _AUTOCAST = ("auto", "bfloat16", "float16")
-_METHODS = ("awq", "rtn", "smoothquant")
+_METHODS = ("awq", "rtn", "smoothquant", "gptq")
+_REFINES = ("gptq",)
 ACT_GRANULARITIES = ("per-token", "per-tensor")
 
 
@@ -190,6 +191,30 @@ class ClipSearch:
 
 
 @dataclass(frozen=True)
+class Refine:
+    """The integer rounding refined after the scale and clip searches (``--refine``).
+
+    method: ``"gptq"``: each linear's codes rounded by GPTQ on the grid the searches chose (its
+    scales and zero points unchanged), against the input Gram of the loss sample's tokens
+    (:mod:`awqfx.search.gptq`). damp: added to the Gram's diagonal, as a fraction of its mean
+    (GPTQ's 0.01). act_order: round the columns by decreasing input energy (the grid is fixed
+    beforehand, so any order keeps the groups' scales).
+    """
+
+    method: str = "gptq"
+    damp: float = 0.01
+    act_order: bool = True
+
+    def __post_init__(self) -> None:
+        _need_choice("Refine", "method", self.method, _REFINES)
+        _need_bool("Refine", "act_order", self.act_order)
+        d = self.damp
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d <= 1.0:
+            raise ConfigError(f"Refine.damp (--refine-damp) must be a number in (0, 1], got {d!r}")
+        object.__setattr__(self, "damp", float(d))
+
+
+@dataclass(frozen=True)
 class Runtime:
     """Where and how the work runs.
 
@@ -295,6 +320,7 @@ FLAT_FIELDS: dict[str, tuple[str, str]] = {
     "calib_dtype": ("runtime", "calib_dtype"), "search_dtype": ("runtime", "search_dtype"),
     "act_bits": ("activations", "bits"), "act_granularity": ("activations", "granularity"),
     "sq_alpha": ("smoothquant", "alpha"),
+    "refine_damp": ("refine", "damp"), "refine_act_order": ("refine", "act_order"),
 }
 
 
@@ -304,7 +330,9 @@ class AWQConfig:
 
     weights: the quantizer (bits 2..8, group_size > 0 or -1 for one group per row, a ragged last
     group is fine; symmetric False: integer zero point, the AWQ default). scales / clip: the
-    searches, or None to skip one (both None: round-to-nearest). smoothquant: SmoothQuant's fixed
+    searches, or None to skip one (both None: round-to-nearest). refine: the codes rounded again
+    after the searches (:class:`Refine`: GPTQ on the searched grid), or None (round to nearest on
+    it); with no scale or clip search it is plain GPTQ (method ``"gptq"``). smoothquant: SmoothQuant's fixed
     scales instead of the scale search (:class:`SmoothQuant`; ``scales`` must then be None).
     activations: the input activations of every quantized linear are quantized too
     (:class:`ActSpec`: weight-activation mode, W8A8), and the searches score their losses with
@@ -329,11 +357,13 @@ class AWQConfig:
     exclude_groups: tuple[str, ...] = ()
     activations: ActSpec | None = None
     smoothquant: SmoothQuant | None = None
+    refine: Refine | None = None
 
     def __post_init__(self) -> None:
         for name, cls, optional in (("weights", QuantSpec, False), ("scales", ScaleSearch, True),
                                     ("clip", ClipSearch, True), ("runtime", Runtime, False),
-                                    ("activations", ActSpec, True), ("smoothquant", SmoothQuant, True)):
+                                    ("activations", ActSpec, True), ("smoothquant", SmoothQuant, True),
+                                    ("refine", Refine, True)):
             v = getattr(self, name)
             if not (isinstance(v, cls) or (optional and v is None)):
                 raise ValueError(f"AWQConfig.{name} must be a {cls.__name__}{' or None' if optional else ''}, "
@@ -341,6 +371,9 @@ class AWQConfig:
         if self.smoothquant is not None and self.scales is not None:
             raise ConfigError("SmoothQuant's scales replace the AWQ scale search: a config has one or the other "
                               "(AWQConfig.of(method='smoothquant') builds one)")
+        if self.refine is not None and self.weights.scheme != "int":
+            raise ConfigError(f"--refine {self.refine.method} rounds to integer codes with zero points; the GGUF block "
+                              f"type {self.weights.scheme} has its own rounding: use --refine none")
         _need_bool("AWQConfig", "quantize_head", self.quantize_head)
         for name in ("ignore", "only", "exclude_groups"):
             object.__setattr__(self, name, _need_patterns(name, getattr(self, name)))
@@ -357,10 +390,13 @@ class AWQConfig:
 
     @classmethod
     def of(cls, method: str = "awq", clip: str = "minmax", quantize_head: bool = False, ignore: Any = (),
-           only: Any = (), extra_groups: Any = (), exclude_groups: Any = (), **flat: Any) -> "AWQConfig":
+           only: Any = (), extra_groups: Any = (), exclude_groups: Any = (), refine: str = "none",
+           **flat: Any) -> "AWQConfig":
         """A config from flat names (``FLAT_FIELDS``, as the CLI flags spell them): ``method`` is
-        ``"awq"``, ``"rtn"`` (no searches) or ``"smoothquant"`` (SmoothQuant's scales, ``sq_alpha``;
-        no clip search); ``clip="none"`` skips the clip search; ``act_bits`` (None: weight-only)
+        ``"awq"``, ``"rtn"`` (no searches), ``"smoothquant"`` (SmoothQuant's scales, ``sq_alpha``;
+        no clip search) or ``"gptq"`` (no searches, GPTQ rounding); ``clip="none"`` skips the clip
+        search; ``refine`` (``"none"`` or ``"gptq"``, with ``refine_damp`` / ``refine_act_order``)
+        refines the rounding of ``"awq"`` (``"rtn"`` and ``"smoothquant"`` stay unrefined); ``act_bits`` (None: weight-only)
         and ``act_granularity`` set the activation quantizer; the target fields (``ignore``,
         ``only``, ``extra_groups``, ``exclude_groups``) as in the class."""
         if method not in _METHODS:
@@ -368,10 +404,12 @@ class AWQConfig:
         unknown = sorted(set(flat) - set(FLAT_FIELDS))
         if unknown:
             raise ValueError(f"unknown AWQConfig field(s): {', '.join(unknown)}")
+        if refine != "none" and refine not in _REFINES:
+            raise ConfigError(f"refine must be 'none' or one of {', '.join(map(repr, _REFINES))}, got {refine!r}")
         parts: dict[str, dict[str, Any]] = {"weights": {}, "scales": {}, "clip": {}, "runtime": {},
-                                            "activations": {}, "smoothquant": {}}
+                                            "activations": {}, "smoothquant": {}, "refine": {}}
         for k, v in flat.items():
-            if v is None and FLAT_FIELDS[k][0] in ("activations", "smoothquant"):
+            if v is None and FLAT_FIELDS[k][0] in ("activations", "smoothquant", "refine"):
                 continue  # not set: the part's default (or no part)
             part, name = FLAT_FIELDS[k]
             parts[part][name] = v
@@ -381,13 +419,16 @@ class AWQConfig:
             raise ConfigError(f"activation granularity {parts['activations']['granularity']!r} (--act-granularity) "
                               "needs the activation bits (--act-bits 4..8)")
         searched = method == "awq"
+        if method == "gptq" or (searched and refine != "none"):
+            parts["refine"]["method"] = "gptq" if method == "gptq" else refine
         return cls(weights=QuantSpec(**parts["weights"]),
                    scales=ScaleSearch(**parts["scales"]) if searched else None,
                    clip=ClipSearch(**parts["clip"]) if searched and clip != "none" else None,
                    runtime=Runtime(**parts["runtime"]), quantize_head=quantize_head, ignore=ignore, only=only,
                    extra_groups=extra_groups, exclude_groups=exclude_groups,
                    activations=ActSpec(**parts["activations"]) if parts["activations"] else None,
-                   smoothquant=SmoothQuant(**parts["smoothquant"]) if method == "smoothquant" else None)
+                   smoothquant=SmoothQuant(**parts["smoothquant"]) if method == "smoothquant" else None,
+                   refine=Refine(**parts["refine"]) if "method" in parts["refine"] else None)
 
     def with_(self, **flat: Any) -> "AWQConfig":
         """A copy with some flat fields changed (``method``/``clip`` as in :meth:`of`)."""
@@ -400,12 +441,16 @@ class AWQConfig:
         when none does."""
         if self.smoothquant is not None:
             return "smoothquant"
-        return "rtn" if self.scales is None and self.clip is None else "awq"
+        if self.scales is None and self.clip is None:
+            return "rtn" if self.refine is None else "gptq"
+        return "awq"
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether a search runs or SmoothQuant's scales are computed (and so calibration data is needed)."""
-        return self.scales is not None or self.clip is not None or self.smoothquant is not None
+        """Whether a search or a refinement runs or SmoothQuant's scales are computed (and so
+        calibration data is needed)."""
+        return (self.scales is not None or self.clip is not None or self.smoothquant is not None
+                or self.refine is not None)
 
     @property
     def scaled(self) -> bool:
@@ -419,7 +464,8 @@ class AWQConfig:
     def flat(self) -> dict[str, Any]:
         """The flat names of :meth:`of` (inverse of it)."""
         out: dict[str, Any] = {"method": self.method, "quantize_head": self.quantize_head,
-                               "clip": self.clip.mode if self.clip else "none", **self.selection()}
+                               "clip": self.clip.mode if self.clip else "none",
+                               "refine": self.refine.method if self.refine else "none", **self.selection()}
         for k, (part, name) in FLAT_FIELDS.items():
             obj = getattr(self, part)
             if obj is not None and k != "clip":
@@ -458,11 +504,11 @@ class AWQConfig:
     def from_dict(cls, d: dict[str, Any]) -> "AWQConfig":
         """From :meth:`to_dict`, or from the flat dict older plans stored."""
         if "weights" not in d:
-            known = set(FLAT_FIELDS) | {"method", "clip", "quantize_head", "ignore", "only", "extra_groups",
+            known = set(FLAT_FIELDS) | {"method", "clip", "refine", "quantize_head", "ignore", "only", "extra_groups",
                                         "exclude_groups"}
             return cls.of(**{k: v for k, v in d.items() if k in known})
         parts = {"weights": QuantSpec, "scales": ScaleSearch, "clip": ClipSearch, "runtime": Runtime,
-                 "activations": ActSpec, "smoothquant": SmoothQuant}
+                 "activations": ActSpec, "smoothquant": SmoothQuant, "refine": Refine}
         kw = {}
         for name, part in parts.items():
             v = d.get(name)

@@ -13,8 +13,8 @@ layout, held as buffers:
   (None) for a symmetric weight, whose zero is 0.
 * ``bias``         optional, float.
 
-``forward`` calls ``torch.ops.awqfx.int8_linear``: a graph that holds the module re-exports with
-``torch.export`` and saves as ``.pt2``. :func:`pack_int8_model` swaps a module tree's linears
+``forward`` calls ``torch.ops.awqfx.int8_linear`` under graph capture (a graph that holds the
+module re-exports with ``torch.export`` and saves as ``.pt2``), the same function directly otherwise. :func:`pack_int8_model` swaps a module tree's linears
 for them (the module-tree applier's ``weights="packed"`` for a weight-activation plan).
 """
 from __future__ import annotations
@@ -24,8 +24,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from awqfx import kernels_int8  # noqa: F401  (registers torch.ops.awqfx.int8_linear)
 from awqfx.config import ActSpec
+from awqfx.kernels_int8 import int8_linear_eager  # importing it registers torch.ops.awqfx.int8_linear
+from awqfx.modules import capturing
 from awqfx.packed_model import pack_model, parent_map
 from awqfx.quant import QuantizedWeight, QuantSpec, num_groups
 
@@ -93,9 +94,17 @@ class Int8Linear(nn.Module):
         """The exact float32 weight ``(q - zero) * scale`` (== ``QuantizedWeight.dequantize()``)."""
         return self.quantized_weight().dequantize()
 
+    def weight_bytes(self) -> int:
+        """Resident bytes of the packed weight (codes, scales, zero points); the bias is not counted."""
+        return sum(t.numel() * t.element_size() for t in (self.int_weight, self.weight_scale, self.weight_zero)
+                   if t is not None)
+
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.awqfx.int8_linear(x, self.int_weight, self.weight_scale, self.weight_zero, self.group_size,
-                                           self.act.bits, self.act.per_token, self.bias)
+        args = (x, self.int_weight, self.weight_scale, self.weight_zero, self.group_size, self.act.bits,
+                self.act.per_token, self.bias)
+        if capturing():  # the op: what a traced or exported graph records
+            return torch.ops.awqfx.int8_linear(*args)
+        return int8_linear_eager(*args)
 
     def _apply(self, fn, recurse: bool = True):
         scale = self.weight_scale

@@ -33,7 +33,7 @@ from awqfx.act_quant import quantize_activation
 from awqfx.config import ActSpec
 from awqfx.quant import group_bounds
 
-__all__ = ["int_mm", "int8_linear"]
+__all__ = ["int_mm", "int8_linear", "int8_linear_eager"]
 
 _CUDA_MIN_ROWS = 17  # torch._int_mm on CUDA: "self.size(0) needs to be greater than 16"
 
@@ -50,8 +50,7 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
     return torch._int_mm(a, b)
 
 
-@torch.library.custom_op("awqfx::int8_linear", mutates_args=())
-def int8_linear(x: Tensor, int_weight: Tensor, weight_scale: Tensor, weight_zero: Optional[Tensor], group_size: int,
+def int8_linear_eager(x: Tensor, int_weight: Tensor, weight_scale: Tensor, weight_zero: Optional[Tensor], group_size: int,
                 act_bits: int, per_token: bool, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(Q(x), (int_weight - weight_zero) * weight_scale, bias)`` on integers (module doc)."""
     K = x.shape[-1]
@@ -70,6 +69,11 @@ def int8_linear(x: Tensor, int_weight: Tensor, weight_scale: Tensor, weight_zero
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+# The op and :func:`int8_linear_eager` are one function: ``Int8Linear`` calls the function itself
+# outside graph capture (the custom op's dispatch costs about as much as a small layer's matmul).
+int8_linear = torch.library.custom_op("awqfx::int8_linear", mutates_args=())(int8_linear_eager)
 
 
 @int8_linear.register_fake

@@ -64,7 +64,7 @@ _BACKENDS = ("auto", "int4pack", "dequant")
 _SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
-def _capturing() -> bool:
+def capturing() -> bool:
     """A graph is being captured (torch.export / torch.compile / FX / TorchScript tracing): the
     kernels must appear as the ``awqfx::`` custom ops then, not as the ops inside them."""
     return torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.jit.is_tracing()
@@ -285,7 +285,7 @@ class QuantLinear(nn.Module):
         if self._active == "int4pack":
             args = (x, self._int4_weight, self._int4_scale_zeros, self.group_size, self.bias, self._dense_from,
                     self._dense_dtype)
-            if _capturing():
+            if capturing():
                 return torch.ops.awqfx.int4_linear(*args)
             return int4_linear_eager(*args)  # same code, without the custom op's dispatch cost
         return torch.ops.awqfx.dequant_linear(

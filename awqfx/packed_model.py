@@ -232,10 +232,17 @@ def _storage_key(t: torch.Tensor) -> tuple:
     return (t.device, t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t), t.storage_offset())
 
 
+def _is_packed(module: nn.Module) -> bool:
+    """A packed linear: ``QuantLinear`` or another module that reports its packed ``weight_bytes()``
+    (``awqfx.int8_linear.Int8Linear``, which imports this module)."""
+    return isinstance(module, QuantLinear) or callable(getattr(type(module), "weight_bytes", None))
+
+
 def packed_weight_bytes(model: nn.Module, include_unquantized: bool = True) -> int:
     """Resident bytes of the model's linear weights as they are now.
 
-    Each ``QuantLinear`` counts its resident packed buffers (:meth:`QuantLinear.weight_bytes`);
+    Each packed module (``QuantLinear``, ``Int8Linear``: a module with ``weight_bytes()``) counts
+    its resident packed buffers (:meth:`QuantLinear.weight_bytes`);
     with ``include_unquantized``
     every other linear-like float weight (``nn.Linear``, 2-D-weight modules such as GPT-2's
     ``Conv1D``; not embeddings) counts at its own dtype, each storage once (a tied ``lm_head``
@@ -245,7 +252,7 @@ def packed_weight_bytes(model: nn.Module, include_unquantized: bool = True) -> i
     total = 0
     seen: set[tuple] = set()
     for _name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
+        if _is_packed(m):
             total += m.weight_bytes()
         elif include_unquantized and _is_linear_like(m):
             w = m.weight
@@ -259,7 +266,7 @@ def packed_weight_bytes(model: nn.Module, include_unquantized: bool = True) -> i
 def fp_weight_bytes(model: nn.Module, dtype: torch.dtype, include_unquantized: bool = True) -> int:
     """Bytes the same linear weights take as dense ``dtype`` matrices (the float baseline).
 
-    ``QuantLinear`` layers count as ``out * in`` elements; with ``include_unquantized`` the other
+    Packed layers (``QuantLinear``, ``Int8Linear``) count as ``out * in`` elements; with ``include_unquantized`` the other
     linear-like weights count too (each storage once), exactly the set
     :func:`packed_weight_bytes` counts. Works on the packed model and on the float original.
     """
@@ -267,7 +274,7 @@ def fp_weight_bytes(model: nn.Module, dtype: torch.dtype, include_unquantized: b
     total = 0
     seen: set[tuple] = set()
     for _name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
+        if _is_packed(m):
             total += int(m.out_features) * int(m.in_features) * itemsize
         elif include_unquantized and _is_linear_like(m):
             w = m.weight

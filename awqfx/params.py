@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from awqfx.graph import fetch_attr
 from awqfx.groups import ScaleGroup
-from awqfx.quant import QuantSpec, clamp_to_range, fake_quantize
+from awqfx.quant import QuantSpec, clamp_to_range, fake_quantize, quantize_weight
 
 __all__ = [
     "fetch_attr", "get_param", "set_param", "has_param", "move_to", "release_parameters", "full_scale",
@@ -154,17 +154,21 @@ def from_rows(w_rows: torch.Tensor, in_dim: int) -> torch.Tensor:
 
 
 def fake_quantize_param(w: torch.Tensor, in_dim: int, spec: QuantSpec, max_val: torch.Tensor | None = None,
-                        min_val: torch.Tensor | None = None) -> torch.Tensor:
+                        min_val: torch.Tensor | None = None, codes: torch.Tensor | None = None) -> torch.Tensor:
     """``dequantize(quantize(w))`` with groups along ``in_dim``; same shape/dtype as ``w``.
 
     ``max_val``/``min_val`` (``[..., out, n_groups]`` in the rows view) override the group range
-    (the clip search result).
+    (the clip search result); ``codes`` (rows view) replace rounding to nearest on that grid (a
+    refinement's integers).
     """
     rows = rows_view(w.detach(), in_dim)
     dev = rows.device
     mx = None if max_val is None else max_val.to(dev)
     mn = None if min_val is None else min_val.to(dev)
-    q = fake_quantize(rows, spec, max_val=mx, min_val=mn)
+    if codes is None:
+        q = fake_quantize(rows, spec, max_val=mx, min_val=mn)
+    else:
+        q = quantize_weight(rows.float(), spec, mx, mn, codes=codes).dequantize(rows.dtype)
     return from_rows(q, in_dim).contiguous()
 
 

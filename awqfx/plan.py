@@ -3,8 +3,9 @@
 A plan holds, per scale group, the scale vector and everything needed to fold it (the producer
 and the consumers' column maps, so applying never needs discovery again); per quantizable
 weight, its :class:`~awqfx.quant.QuantSpec`, its activation quantizer (:class:`~awqfx.config.ActSpec`,
-weight-activation mode only), the dim its groups run along and the clip range found by the search (absolute ``max_val``/``min_val`` per (row, group) of the *folded* weight, or
-none); the config it was made with; and metadata (version, time per stage, losses).
+weight-activation mode only), the dim its groups run along, the clip range found by the search
+(absolute ``max_val``/``min_val`` per (row, group) of the *folded* weight, or none) and, when a
+refinement rounded it (``--refine gptq``), its integer codes; the config it was made with; and metadata (version, time per stage, losses).
 
 ``plan.save(dir)`` writes ``plan.json`` + ``plan.safetensors`` (no pickle); ``AWQPlan.load(dir)``
 reads them back. :func:`awqfx.apply.apply_plan` applies a plan to a GraphModule or to the model's
@@ -51,7 +52,9 @@ class WeightPlan:
     """How one weight is quantized. ``max_val``/``min_val``: ``[..., out, n_groups]`` clip range in
     the weight's rows view (input dim last), or None for the weight's own group min/max. ``act``:
     the input activations of the linears reading it are quantized too (weight-activation mode),
-    or None (weight-only)."""
+    or None (weight-only). ``codes``: uint8 ``[..., out, in]`` in the rows view, the integers a
+    refinement chose on the grid of the folded weight's range (scales and zero points from the
+    weight and ``max_val``/``min_val`` as without it), or None (round to nearest on that grid)."""
 
     spec: QuantSpec
     in_dim: int
@@ -59,6 +62,7 @@ class WeightPlan:
     min_val: torch.Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
     act: ActSpec | None = None
+    codes: torch.Tensor | None = None
 
 
 @dataclass
@@ -96,7 +100,7 @@ class AWQPlan:
         ``apply_plan(model, plan, weights="float")``."""
         wp = self.weights[name]
         w = rows_view(get_param(model, name).detach(), wp.in_dim)
-        return quantize_weight(w, wp.spec, wp.max_val, wp.min_val)
+        return quantize_weight(w, wp.spec, wp.max_val, wp.min_val, codes=wp.codes)
 
     def summary(self) -> str:
         lines = [f"AWQPlan: {len(self.groups)} scale groups, {len(self.weights)} quantized weights"]
@@ -136,12 +140,14 @@ class AWQPlan:
         for name, wp in self.weights.items():
             entry = {"bits": wp.spec.bits, "group_size": wp.spec.group_size, "symmetric": wp.spec.symmetric,
                      "scheme": wp.spec.scheme, "in_dim": wp.in_dim, "clip": wp.max_val is not None,
-                     "info": _jsonable(wp.info)}
+                     "codes": wp.codes is not None, "info": _jsonable(wp.info)}
             if wp.act is not None:
                 entry["act"] = asdict(wp.act)
             if wp.max_val is not None:
                 tensors[f"weight.{name}.max_val"] = wp.max_val.detach().float().cpu().contiguous()
                 tensors[f"weight.{name}.min_val"] = wp.min_val.detach().float().cpu().contiguous()
+            if wp.codes is not None:
+                tensors[f"weight.{name}.codes"] = wp.codes.detach().to(torch.uint8).cpu().contiguous()
             weights[name] = entry
         doc = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "config": _jsonable(self.config),
                "metadata": _jsonable(self.metadata), "groups": groups, "weights": weights}
@@ -171,7 +177,8 @@ class AWQPlan:
             mx = tensors.get(f"weight.{name}.max_val") if wd.get("clip") else None
             mn = tensors.get(f"weight.{name}.min_val") if wd.get("clip") else None
             act = ActSpec(**wd["act"]) if wd.get("act") else None
-            weights[name] = WeightPlan(spec, int(wd["in_dim"]), mx, mn, wd.get("info", {}), act)
+            codes = tensors[f"weight.{name}.codes"] if wd.get("codes") else None
+            weights[name] = WeightPlan(spec, int(wd["in_dim"]), mx, mn, wd.get("info", {}), act, codes)
         return cls(groups, weights, doc.get("config", {}), doc.get("metadata", {}))
 
 

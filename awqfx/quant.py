@@ -424,8 +424,15 @@ class QuantizedWeight:
 
 
 def quantize_weight(w: Tensor, spec: QuantSpec, max_val: Tensor | None = None,
-                    min_val: Tensor | None = None) -> QuantizedWeight:
-    """Compute qparams (optionally from an overridden range) and the integer weight."""
+                    min_val: Tensor | None = None, codes: Tensor | None = None) -> QuantizedWeight:
+    """Compute qparams (optionally from an overridden range) and the integer weight: rounded to
+    nearest, or ``codes`` (``w``'s shape, ``[0, 2^b - 1]``) chosen by a refinement on that grid."""
     scale, zero = compute_qparams(w, spec, max_val=max_val, min_val=min_val)
-    q = quantize(w, scale, zero, spec)
+    if codes is None:
+        q = quantize(w, scale, zero, spec)
+    else:
+        if tuple(codes.shape) != tuple(w.shape) or (codes.numel() and int(codes.max()) > spec.qmax):
+            raise ValueError(f"refined codes must be integers in [0, {spec.qmax}] of the weight's shape "
+                             f"{tuple(w.shape)}, got shape {tuple(codes.shape)}")
+        q = codes.to(device=w.device, dtype=torch.uint8)
     return QuantizedWeight(q=q, scale=scale, zero=zero, spec=spec, shape=tuple(w.shape))

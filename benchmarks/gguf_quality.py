@@ -1,7 +1,7 @@
 """Benchmark: held-out perplexity of an AWQ-searched GGUF against plain GGUF quantization.
 
     python benchmarks/gguf_quality.py [--model MODEL] [--types q4_0,q4_1] [--samples 128] [--seq-len 512]
-        [--n-grid 20] [--eval-windows 16] [--device cpu|cuda] [--out DIR] [--json FILE]
+        [--calib plays] [--n-grid 20] [--eval-windows 16] [--device cpu|cuda] [--out DIR] [--json FILE]
 
 On MODEL (default: the bundled SmolLM2-135M-Instruct, a Q4_1 GGUF dequantized to float32: the "fp"
 weights; or a llama Hugging Face directory / .gguf), for each GGUF type:
@@ -10,7 +10,8 @@ weights; or a llama Hugging Face directory / .gguf), for each GGUF type:
   quantization of the unsmoothed weights (``gguf.quants.quantize``, what llama.cpp's converter
   writes), with the same Q8_0 token embedding and F32 norms;
 * awq: ``awqfx quantize --format gguf --gguf-type T`` with the default search (scales, clip with
-  the type's quantizer), ``--samples`` x ``--seq-len`` calibration tokens from the calibration plays.
+  the type's quantizer), ``--samples`` x ``--seq-len`` calibration tokens from ``--calib`` (default ``plays``, the
+  calibration plays, as the numbers in docs/results.md; ``mix`` is awqfx's default since issue #16).
 
 Both files are loaded back by transformers (``from_pretrained(dir, gguf_file="model.gguf")``,
 dequantized to float32) and evaluated on ``--eval-windows`` x ``--seq-len`` windows of the held-out
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> dict:
             out = root / f"{type_name}-{label}"
             argv = ["quantize", *([args.model] if args.model else []), "--out", str(out), "--overwrite", "--quiet",
                     "--format", "gguf", "--gguf-type", type_name, "--method", method, "--samples", str(args.samples),
-                    "--seq-len", str(args.seq_len), "--n-grid", str(args.n_grid)]
+                    "--seq-len", str(args.seq_len), "--n-grid", str(args.n_grid), "--calib", args.calib]
             argv += ["--device", args.device] if args.device else []
             t0 = time.perf_counter()
             if awqfx_main(argv) != 0:
@@ -77,7 +78,8 @@ def run(args: argparse.Namespace) -> dict:
         awq = next(r for r in rows if r["type"] == type_name and r["method"] == "awq")
         no_gap = abs(plain - fp) <= 1e-3 * fp  # e.g. q4_1 of the bundled Q4_1 model: plain reproduces fp
         awq["gap_recovered"] = float("nan") if no_gap else (plain - awq["ppl"]) / (plain - fp)
-    return {"model": args.model or assets.DEFAULT_GGUF_NAME, "samples": args.samples, "seq_len": args.seq_len,
+    return {"model": args.model or assets.DEFAULT_GGUF_NAME, "samples": args.samples, "calib": args.calib,
+            "seq_len": args.seq_len,
             "n_grid": args.n_grid, "eval_windows": int(wins.shape[0]), "rows": rows, "out": str(root)}
 
 
@@ -87,6 +89,8 @@ def main() -> None:
     p.add_argument("--types", default="q4_0,q4_1", help="comma-separated GGUF types (default q4_0,q4_1)")
     p.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration / evaluation window (default 512)")
+    p.add_argument("--calib", default="plays",
+                   help="calibration source: plays (default, as docs/results.md), mix, or a file / directory")
     p.add_argument("--n-grid", type=int, default=AWQConfig().scales.n_grid, help="scale grid points")
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows (default 16)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="calibration and search device")

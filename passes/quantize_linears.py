@@ -25,14 +25,17 @@ class _WeightLike(Protocol):
     in_dim: int
     max_val: torch.Tensor | None
     min_val: torch.Tensor | None
+    codes: torch.Tensor | None
 
 
 def quantize_linears(module: nn.Module, weights: Mapping[str, _WeightLike]) -> nn.Module:
-    """Fake-quantize every weight named in ``weights`` (FQN -> spec, in_dim, optional clip range), in place.
+    """Fake-quantize every weight named in ``weights`` (FQN -> spec, in_dim, optional clip range and
+    refined codes), in place.
 
     Works on a GraphModule and on a plain module tree alike (only attributes change). Returns ``module``.
     """
     for name, wp in weights.items():
         w = get_param(module, name)
-        set_param(module, name, fake_quantize_param(w, wp.in_dim, wp.spec, wp.max_val, wp.min_val))
+        set_param(module, name, fake_quantize_param(w, wp.in_dim, wp.spec, wp.max_val, wp.min_val,
+                                                    wp.codes))
     return module

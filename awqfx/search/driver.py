@@ -3,7 +3,9 @@
 One loop over the scheduled tasks (:mod:`awqfx.search.schedule`) on a private working copy of
 the graph: a scale task searches one group's scale (:mod:`awqfx.search.scales`) and folds the
 best into the working copy; a weight task searches a weight's clip ranges
-(:mod:`awqfx.search.clip`) and, with ``propagate="quant"``, quantizes it there. The loss sample
+(:mod:`awqfx.search.clip`), rounds it by GPTQ on that grid when the config refines
+(:mod:`awqfx.search.gptq`, against the Gram of every loss-sample token the linear reads) and,
+with ``propagate="quant"``, quantizes it there. The loss sample
 is replayed through the working copy on demand (:mod:`awqfx.search.replay`). The result is an
 :class:`~awqfx.plan.AWQPlan`; neither the observed graph nor the caller's model is modified.
 
@@ -40,7 +42,8 @@ from awqfx.passes.input_scales import insert_input_scales
 from awqfx.passes.observers import remove_observers
 from awqfx.passes.region import extract_region
 from awqfx.plan import AWQPlan, GroupPlan, WeightPlan
-from awqfx.search.clip import absolute_clip, search_clip
+from awqfx.search.clip import absolute_clip, input_gram, search_clip
+from awqfx.search.gptq import gptq_codes
 from awqfx.search.replay import Replay, chunk_sample, loss_sample
 from awqfx.search.scales import search_group
 from awqfx.search.schedule import schedule_tasks
@@ -111,11 +114,14 @@ def _check_calibrated(observed: ObservedGraph) -> None:
                            "before search" + (f" (no data at {empty[:3]})" if empty else ""))
 
 
-def _share_clips(ratio_of: dict[str, torch.Tensor], clip_tokens: dict[str, int]) -> None:
-    """Every rank's clip ratios (each searched a share of the weights) on every rank, in place."""
-    for ratios, tokens in distributed.all_gather((ratio_of, clip_tokens), what="the clip search"):
+def _share_clips(ratio_of: dict[str, torch.Tensor], clip_tokens: dict[str, int],
+                 codes_of: dict[str, torch.Tensor]) -> None:
+    """Every rank's clip ratios and refined codes (each searched a share of the weights) on every
+    rank, in place."""
+    for ratios, tokens, codes in distributed.all_gather((ratio_of, clip_tokens, codes_of), what="the clip search"):
         ratio_of.update(ratios)
         clip_tokens.update(tokens)
+        codes_of.update(codes)
 
 
 def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: bool = True,
@@ -156,16 +162,18 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     clip = cfg.clip
     qk = set(observed.discovery.attention_qk) if clip is not None and clip.skip_qk else set()
     clip_set = set() if clip is None else {w for w in weights if w not in qk and get_param(work, w).dim() == 2}
-    task_weights = {w: lin_node[w] for w in weights if w in clip_set or quant_mode}
+    refine_set = set() if cfg.refine is None else {w for w in weights if get_param(work, w).dim() == 2}
+    searched = clip_set | refine_set  # weight tasks that read the linear's input
+    task_weights = {w: lin_node[w] for w in weights if w in searched or quant_mode}
     regions = {gi: extract_region(work, g) for gi, g in enumerate(groups)}
     requires = {("scale", gi): list(r.env_nodes) for gi, r in regions.items()}
-    requires.update({("weight", w): [data_node[w]] for w in task_weights if w in clip_set})
+    requires.update({("weight", w): [data_node[w]] for w in task_weights if w in searched})
     changes = {("scale", gi): _changed_by_fold(g, input_attrs) for gi, g in enumerate(groups)}
     if quant_mode:
         changes.update({("weight", w): {w} for w in task_weights})
     sched = schedule_tasks(work, groups, task_weights, requires, changes)
     # distributed: the clip searches go round-robin to the ranks (docs/design.md "Distributed calibration")
-    clip_turn = {w: i for i, w in enumerate(w for kind, w in sched.tasks if kind == "weight" and w in clip_set)}
+    clip_turn = {w: i for i, w in enumerate(w for kind, w in sched.tasks if kind == "weight" and w in searched)}
 
     sample = loss_sample(observed, cfg.runtime.loss_samples)
     chunks = chunk_sample(sample, cfg.runtime.batch_size, device, observed.unbatched_inputs())
@@ -175,6 +183,8 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     infos: dict[int, dict] = {}
     ratio_of: dict[str, torch.Tensor] = {}
     clip_tokens: dict[str, int] = {}
+    codes_of: dict[str, torch.Tensor] = {}
+    refine_tokens: dict[str, int] = {}
     t_scale = t_clip = 0.0
     bar = tqdm(sched.tasks, desc="awq search", unit="task", disable=not progress or not distributed.is_main())
     with torch.no_grad(), cfg.autocast("search", device, float_dtype(work)):
@@ -193,27 +203,41 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
                 t_scale += time.perf_counter() - t0
             else:
                 w, in_dim = what, weights[what].in_dim
-                if w in clip_set and distributed.owns(clip_turn[w]):
+                if w in searched and distributed.owns(clip_turn[w]):
                     stream.pinned = {data_node[w]}
-                    x, xq = _clip_tokens(stream.values(data_node[w]), weights[w].act, clip.tokens)
+                    values = stream.values(data_node[w])
                     wr = rows_view(get_param(work, w).detach(), in_dim).float()
-                    ratio_of[w] = search_clip(wr, x, spec, clip.mode, clip.shrink_ratios(), clip.rounds, xq=xq).cpu()
-                    clip_tokens[w] = x.shape[0]
-                    del x, xq
-                if w in clip_set and quant_mode:  # the quantized weight feeds later tasks: every rank needs its clip now
-                    ratio_of[w], clip_tokens[w] = distributed.broadcast(
-                        (ratio_of.get(w), clip_tokens.get(w)), distributed.owner(clip_turn[w]), what="the clip search")
+                    if w in clip_set:
+                        x, xq = _clip_tokens(values, weights[w].act, clip.tokens)
+                        ratio_of[w] = search_clip(wr, x, spec, clip.mode, clip.shrink_ratios(), clip.rounds,
+                                                  xq=xq).cpu()
+                        clip_tokens[w] = x.shape[0]
+                        del x, xq
+                    if w in refine_set:
+                        hi, lo = (absolute_clip(wr, -1, spec, ratio_of[w], clip.mode) if w in ratio_of
+                                  else (None, None))
+                        gram, refine_tokens[w] = _input_gram(values, weights[w].act)
+                        codes_of[w] = gptq_codes(wr, gram, spec, hi, lo, cfg.refine.damp, cfg.refine.act_order).cpu()
+                        del gram
+                    del values, wr
+                if w in searched and quant_mode:  # the quantized weight feeds later tasks: every rank needs it now
+                    ratio_of[w], clip_tokens[w], codes_of[w] = distributed.broadcast(
+                        (ratio_of.get(w), clip_tokens.get(w), codes_of.get(w)), distributed.owner(clip_turn[w]),
+                        what="the clip search")
+                    for found in (ratio_of, clip_tokens, codes_of):
+                        if found[w] is None:
+                            del found[w]
                 if quant_mode:
                     cur = get_param(work, w)
                     hi, lo = absolute_clip(cur, in_dim, spec, ratio_of[w], clip.mode) if w in ratio_of else (None, None)
-                    set_param(work, w, fake_quantize_param(cur, in_dim, spec, hi, lo))
+                    set_param(work, w, fake_quantize_param(cur, in_dim, spec, hi, lo, codes_of.get(w)))
                     stream.invalidate({w})
                 t_clip += time.perf_counter() - t0
             stream.done = ti
             stream.pinned = set()
             stream.sweep()
     bar.close()
-    _share_clips(ratio_of, clip_tokens)
+    _share_clips(ratio_of, clip_tokens, codes_of)
 
     # Final folded float weights: the absolute clip ranges are taken on them.
     if quant_mode:  # the working copy holds quantized weights: fold a fresh copy
@@ -227,6 +251,9 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
         wp.max_val, wp.min_val = absolute_clip(get_param(final, w), wp.in_dim, spec, r, clip.mode)
         wp.info = {"clip": clip.mode, "mean_ratio": float(r.mean()), "clip_tokens": clip_tokens[w],
                    "clip_rounds": clip.rounds}
+    for w, codes in codes_of.items():
+        weights[w].codes = codes
+        weights[w].info.update(refine=cfg.refine.method, refine_tokens=refine_tokens.get(w))
     replay_s, replayed = stream.seconds, stream.nodes_run
     del stream, regions, work, final
     release_memory()
@@ -260,6 +287,21 @@ def _clip_tokens(values: list[torch.Tensor], act, n_tokens: int) -> tuple[torch.
         return x[:: max(1, x.shape[0] // n_tokens)][:n_tokens]
 
     return rows(values), None if act is None else rows([fake_quantize_activation(v, act) for v in values])
+
+
+def _input_gram(values: list[torch.Tensor], act) -> tuple[torch.Tensor, int]:
+    """``(X^T X / T, T)`` over every token of the replayed inputs of a linear (float32), as the linear
+    reads them (``act``: quantized; None: weight-only), chunk by chunk."""
+    gram, tokens = None, 0
+    with torch.autocast(values[0].device.type, enabled=False):
+        for v in values:
+            x = v.reshape(-1, v.shape[-1])
+            if act is not None:
+                x = fake_quantize_activation(x, act)
+            part = input_gram(x) * x.shape[0]
+            gram = part if gram is None else gram + part
+            tokens += x.shape[0]
+    return gram / tokens, tokens
 
 
 def group_losses(plan: AWQPlan) -> list[tuple[str, float, float]]:

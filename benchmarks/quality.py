@@ -1,0 +1,121 @@
+"""Benchmark: each quality change of issue #16 alone and together, on texts of several domains.
+
+    python benchmarks/quality.py [--model MODEL] [--bits 4] [--group-size 64] [--calib plays,mix]
+        [--configs rtn,gptq,awq,awq+gptq] [--texts plays,prose,licenses] [--samples 128]
+        [--seq-len 512] [--max-windows 16] [--json FILE]
+
+For each calibration source (``--calib``: ``plays``, the old default; ``mix``, the default since
+#16; or a path) the model is captured and calibrated once, then each config is searched on those
+statistics and evaluated on ``--max-windows`` x ``--seq-len`` windows of every text (``--texts``:
+names of ``awqfx.app.assets.named_eval_text`` or paths). Configs: ``rtn`` (round to nearest, the
+baseline, no calibration), ``gptq`` (GPTQ rounding on RTN's grid), ``awq`` (the default search),
+``awq+gptq`` (``--refine gptq``). Printed: perplexity per (calibration, config, text), the share of
+RTN's gap to fp each config recovers on each text, and the quantization time (calibration once per
+source, then the search).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from awqfx.api import calibrate, capture, convert, prepare, search
+from awqfx.app import assets
+from awqfx.app.evaluate import perplexity, windows_for_eval
+from awqfx.config import AWQConfig
+from awqfx.search.driver import gap_recovered
+
+CONFIGS = {
+    "rtn": dict(method="rtn"),
+    "gptq": dict(method="gptq"),
+    "awq": dict(method="awq"),
+    "awq+gptq": dict(method="awq", refine="gptq"),
+}
+
+
+def _text(name: str) -> str:
+    return Path(name).read_text(encoding="utf-8") if Path(name).is_file() else assets.named_eval_text(name)
+
+
+def run(args: argparse.Namespace) -> dict:
+    model, tok = assets.load_model(args.model, dtype=torch.float32)
+    gm = capture(model)
+    texts = [t.strip() for t in args.texts.split(",") if t.strip()]
+    wins = {t: windows_for_eval(tok, _text(t), args.seq_len, max_windows=args.max_windows) for t in texts}
+    fp = {t: perplexity(gm, w, progress=False) for t, w in wins.items()}
+    print("fp: " + ", ".join(f"{t} {v:.3f}" for t, v in fp.items()), flush=True)
+    rows = []
+    rtn_ppl: dict[str, float] = {}
+    for calib in [c.strip() for c in args.calib.split(",") if c.strip()]:
+        observed, calib_s = None, 0.0
+        for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
+            if name == "rtn" and rtn_ppl:
+                continue  # no calibration: the same model for every source
+            cfg = AWQConfig.of(bits=args.bits, group_size=args.group_size, **CONFIGS[name])
+            t0 = time.perf_counter()
+            if observed is None and cfg.needs_calibration:
+                observed = prepare(gm, cfg.with_(method="awq"))
+                calibrate(observed, assets.calibration_samples(tok, args.samples, args.seq_len, source=calib),
+                          progress=False)
+                calib_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+            plan = search(observed if cfg.needs_calibration else prepare(gm, cfg), cfg, progress=False)
+            search_s = time.perf_counter() - t0
+            qgm = convert(gm, plan)
+            ppl = {t: perplexity(qgm, w, progress=False) for t, w in wins.items()}
+            del qgm, plan
+            if name == "rtn":
+                rtn_ppl = ppl
+            row = {"calib": "-" if name == "rtn" else calib, "config": name, "ppl": ppl,
+                   "calib_s": calib_s if cfg.needs_calibration else 0.0, "search_s": search_s}
+            if rtn_ppl and name != "rtn":
+                row["recovery"] = {t: gap_recovered(fp[t], rtn_ppl[t], ppl[t]) for t in texts}
+            rows.append(row)
+            rec = row.get("recovery", {})
+            print(f"{row['calib']:>6} {name:<9} " + "  ".join(
+                f"{t} {ppl[t]:.3f}" + (f" ({rec[t]:.1%})" if t in rec else "") for t in texts)
+                + f"  [search {search_s:.0f} s]", flush=True)
+    return {"bits": args.bits, "group_size": args.group_size, "samples": args.samples, "seq_len": args.seq_len,
+            "windows": {t: int(w.shape[0]) for t, w in wins.items()}, "fp": fp, "rows": rows,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def table(res: dict) -> str:
+    texts = list(res["fp"])
+    head = "| calibration | config | " + " | ".join(f"{t} ppl (recovery)" for t in texts) + " | search s |"
+    lines = [head, "|" + "---|" * (len(texts) + 3),
+             "| - | fp | " + " | ".join(f"{res['fp'][t]:.3f}" for t in texts) + " | |"]
+    for r in res["rows"]:
+        rec = r.get("recovery", {})
+        cells = [f"{r['ppl'][t]:.3f}" + (f" ({rec[t]:.1%})" if t in rec else "") for t in texts]
+        lines.append(f"| {r['calib']} | {r['config']} | " + " | ".join(cells) + f" | {r['search_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--calib", default="plays,mix")
+    p.add_argument("--configs", default="rtn,gptq,awq,awq+gptq")
+    p.add_argument("--texts", default="plays,prose,licenses")
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=16)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    unknown = [c for c in args.configs.split(",") if c.strip() and c.strip() not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
+    res = run(args)
+    print("\n" + table(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
