@@ -345,7 +345,7 @@ def test_weight_only_formats_refuse_quantized_activations(tmp_path):
     (dict(act_bits=8, act_granularity="per-channel"), "must be one of per-token, per-tensor, got 'per-channel'"),
     (dict(act_granularity="per-tensor"), "'per-tensor' (--act-granularity) needs the activation bits (--act-bits"),
     (dict(method="smoothquant", sq_alpha=1.5), "SmoothQuant alpha (--sq-alpha) must be a number in [0, 1], got 1.5"),
-    (dict(method="gptq"), "method must be one of 'awq', 'rtn', 'smoothquant', got 'gptq'"),
+    (dict(method="hqq"), "method must be one of 'awq', 'rtn', 'smoothquant', 'gptq', got 'hqq'"),
 ])
 def test_bad_values_raise_config_error(flat, needle):
     with pytest.raises(ConfigError) as e:
