@@ -142,12 +142,13 @@ def test_refine_flags(tmp_path, capsys, no_calibration):
     assert "--refine-damp) must be a number in (0, 1], got 0" in capsys.readouterr().err
 
 
-def test_quantize_with_refine_saves_the_codes_it_packed(tmp_path):
+def test_quantize_with_refine_saves_the_codes_it_packed(tmp_path, capsys):
     model_dir = tmp_path / "m"
     save_model_dir(model_dir, "llama")
     out = tmp_path / "q"
     assert main(["quantize", str(model_dir), "--samples", "2", "--seq-len", "16", "--quiet", "--n-grid", "2",
                  "--group-size", "32", "--refine", "gptq", "--out", str(out)]) == 0
+    assert "; 14 rounded by gptq)" in capsys.readouterr().out  # 2 layers x 7 linears, every one refined
     saved = AWQPlan.load(out / PLAN_SUBDIR)
     assert saved.config["refine"]["method"] == "gptq" and all(wp.codes is not None for wp in saved.weights.values())
     loaded = load_quantized(out, backend="dequant")

@@ -325,8 +325,10 @@ def _describe_weights(rep: Report, plan, cfg: AWQConfig) -> None:
         rep.facts["quantized weights"] = f"{len(plan.weights)} (GGUF {cfg.weights.scheme}: {cfg.weights.bits}-bit " \
                                          f"blocks of {cfg.weights.group_size})"
         return
+    refined = sum(wp.codes is not None for wp in plan.weights.values())
     rep.facts["quantized weights"] = f"{len(plan.weights)} ({cfg.weights.bits}-bit, group {cfg.weights.group_size}, " \
-                                     f"{'symmetric' if cfg.weights.symmetric else 'asymmetric'})"
+                                     f"{'symmetric' if cfg.weights.symmetric else 'asymmetric'}" + \
+                                     (f"; {refined} rounded by {cfg.refine.method})" if cfg.refine else ")")
 
 
 def _quantize_blocks(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fmt: str, calib_source, samples: int,
