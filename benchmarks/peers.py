@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default=None, help="eval text: a file, or a name for assets.named_eval_text "
                                                 "(default: the held-out plays, assets.eval_text())")
     p.add_argument("--max-windows", type=int, default=16)
-    p.add_argument("--iters", type=int, default=200, help="auto-round iterations (default 200, its own default)")
+    p.add_argument("--iters", type=int, default=200, help="auto-round iterations (default 200, its own default; on the "
+                                                         "shared 2-core CPU 200 would take 3-4 h, docs/results.md uses 50)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"subset of {','.join(METHODS)} (default {DEFAULT_METHODS})")
     p.add_argument("--autoround-bf16", action="store_true",
                    help="tune auto-round in bf16 (amp=True, its CPU default) instead of float32")
@@ -307,7 +308,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             method, refine = ("rtn", "none") if m == "rtn" else ("awq", "gptq" if m == "awqfx+gptq" else "none")
             try:
                 qgm, info = run_awqfx(gm, calib, args.bits, args.group_size, method, refine)
-            except Exception as e:  # noqa: BLE001 - an awqfx without refine="gptq" is a note, not a failure
+            except Exception as e:  # an awqfx without refine="gptq" is a note, not a failure
                 if m != "awqfx+gptq":
                     raise
                 note = f"skipped: AWQConfig.of(refine='gptq') raised {e!r}"
