@@ -31,7 +31,7 @@ _CLIPS = ("asym", "minmax", "sym")
 _PROPAGATE = ("fp", "quant")
 _AUTOCAST = ("auto", "bfloat16", "float16")
 _METHODS = ("awq", "rtn", "smoothquant", "gptq")
-_REFINES = ("gptq",)
+_REFINES = ("gptq", "block")
 ACT_GRANULARITIES = ("per-token", "per-tensor")
 
 
@@ -196,14 +196,20 @@ class Refine:
 
     method: ``"gptq"``: each linear's codes rounded by GPTQ on the grid the searches chose (its
     scales and zero points unchanged), against the input Gram of the loss sample's tokens
-    (:mod:`awqfx.search.gptq`). damp: added to the Gram's diagonal, as a fraction of its mean
-    (GPTQ's 0.01). act_order: round the columns by decreasing input energy (the grid is fixed
-    beforehand, so any order keeps the groups' scales).
+    (:mod:`awqfx.search.gptq`); ``"block"``: every weight's rounding and each group's range
+    learnt against its block's output on the loss sample (:mod:`awqfx.search.block_rounding`).
+    damp: added to the Gram's diagonal, as a fraction of its mean (GPTQ's 0.01). act_order: round
+    the columns by decreasing input energy (the grid is fixed beforehand, so any order keeps the
+    groups' scales). iters / lr / batch (``block``): signed-gradient steps per block, the first
+    step's size (None: 1 / iters, decaying linearly to 0) and loss-sample sequences per step.
     """
 
     method: str = "gptq"
     damp: float = 0.01
     act_order: bool = True
+    iters: int = 50
+    lr: float | None = None
+    batch: int = 2
 
     def __post_init__(self) -> None:
         _need_choice("Refine", "method", self.method, _REFINES)
@@ -212,6 +218,13 @@ class Refine:
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d <= 1.0:
             raise ConfigError(f"Refine.damp (--refine-damp) must be a number in (0, 1], got {d!r}")
         object.__setattr__(self, "damp", float(d))
+        _need_int("Refine", "iters", self.iters, 1)
+        _need_int("Refine", "batch", self.batch, 1)
+        lr = self.lr
+        if lr is not None:
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 < lr <= 1.0:
+                raise ConfigError(f"Refine.lr (--refine-lr) must be a number in (0, 1], got {lr!r}")
+            object.__setattr__(self, "lr", float(lr))
 
 
 @dataclass(frozen=True)
@@ -321,6 +334,7 @@ FLAT_FIELDS: dict[str, tuple[str, str]] = {
     "act_bits": ("activations", "bits"), "act_granularity": ("activations", "granularity"),
     "sq_alpha": ("smoothquant", "alpha"),
     "refine_damp": ("refine", "damp"), "refine_act_order": ("refine", "act_order"),
+    "refine_iters": ("refine", "iters"), "refine_lr": ("refine", "lr"), "refine_batch": ("refine", "batch"),
 }
 
 
@@ -374,6 +388,11 @@ class AWQConfig:
         if self.refine is not None and self.weights.scheme != "int":
             raise ConfigError(f"--refine {self.refine.method} rounds to integer codes with zero points; the GGUF block "
                               f"type {self.weights.scheme} has its own rounding: use --refine none")
+        if self.refine is not None and self.refine.method == "block" and self.activations is not None:
+            raise ConfigError("--refine block learns weight rounding against float activations; with --act-bits use "
+                              "--refine gptq or none")
+        if self.refine is not None and self.refine.method == "block" and self.scales is None and self.clip is None:
+            raise ConfigError("--refine block refines the searched weights of method awq")
         _need_bool("AWQConfig", "quantize_head", self.quantize_head)
         for name in ("ignore", "only", "exclude_groups"):
             object.__setattr__(self, name, _need_patterns(name, getattr(self, name)))

@@ -55,7 +55,7 @@ from awqfx.modules import QuantLinear
 from awqfx.observed import ObservedGraph, searched_groups
 from awqfx.packed_model import packed_modules, parent_map
 from awqfx.params import get_param, release_parameters, set_param
-from awqfx.passes.blocks import Block, BlockSplitError, block_module, split_blocks
+from awqfx.passes.blocks import Block, BlockSplitError, block_module, needed_after, split_blocks
 from awqfx.passes.discover import discover
 from awqfx.plan import AWQPlan
 from awqfx.targets import Targets, TargetError, apply_targets, check_equivalence, declared_groups, resolve_targets
@@ -407,16 +407,6 @@ class BlockWriter:
 # --------------------------------------------------------------------------------- driver
 
 
-def _needed_after(blocks: list[Block]) -> list[set[str]]:
-    """``out[k]``: the boundary values some block after ``k`` reads."""
-    out: list[set[str]] = [set() for _ in blocks]
-    later: set[str] = set()
-    for k in range(len(blocks) - 1, -1, -1):
-        out[k] = set(later)
-        later |= set(blocks[k].inputs)
-    return out
-
-
 def quantize_sequential(
     sm: SequentialModel,
     calib: torch.Tensor,
@@ -452,7 +442,7 @@ def quantize_sequential(
         log.warning("search: loss_samples=%d asked for, %d available: calibration had only %d sequences",
                     cfg.runtime.loss_samples, calib.shape[0], calib.shape[0])
         cfg = cfg.with_(loss_samples=int(calib.shape[0]))
-    needed = _needed_after(sm.blocks)
+    needed = needed_after(sm.blocks)
     (inp,) = [n.name for n in sm.gm.graph.nodes if n.op == "placeholder"]
     rows = torch.arange(calib.shape[0])
     if cfg.needs_calibration:  # the loss sample (first rows) spread over the whole set, as calibrate does
@@ -470,13 +460,18 @@ def quantize_sequential(
     try:
         held = held_batches(len(batches), cfg)  # distributed: each rank runs the blocks on its share only
         boundary = Boundary([b if i in held else None for i, b in enumerate(batches)], tmp_offload)
+        # --refine block trains each block on the quantized stream: the loss sample's batches, carried through
+        # the fake-quantized blocks beside the float boundary (every rank holds them)
+        quant = (Boundary(batches[: -(-cfg.runtime.loss_samples // cfg.runtime.batch_size)])
+                 if _refines_blocks(cfg) else None)
         main = distributed.is_main()  # every rank calibrates its share and finds the same plan; rank 0 writes
         with checkpoint_dir(out) if main else contextlib.nullcontext() as tmp:
             writer = BlockWriter(tmp, fmt, sm.skeleton, sm.aliases) if main else None
             bar = tqdm(sm.blocks, desc="awq blocks", unit="block", disable=not progress or not main)
             for block in bar:
                 records.append(_quantize_block(sm, block, boundary, cfg, plan, writer, device,
-                                               run_next=block.index < last_active, keep=needed[block.index]))
+                                               run_next=block.index < last_active, keep=needed[block.index],
+                                               quant=quant))
                 bar.set_postfix(block=block.owner or block.index, s=f"{records[-1].seconds:.1f}")
             bar.close()
             if writer is not None:
@@ -490,8 +485,22 @@ def quantize_sequential(
     return plan, records
 
 
+def _refines_blocks(cfg: AWQConfig) -> bool:
+    return cfg.refine is not None and cfg.refine.method == "block"
+
+
+def _quant_sample(quant: Boundary, observed: ObservedGraph) -> dict[str, Any]:
+    """The block's recorded loss sample as the quantized stream ``quant`` has it: as many rows of
+    each batched input, the recorded value of the others (the same in both streams)."""
+    batches = [quant.get(i) for i in range(quant.n)]
+    unbatched = observed.unbatched_inputs()
+    return {n: v if n in unbatched or not isinstance(v, torch.Tensor)
+            else torch.cat([b[n].cpu() for b in batches], 0)[: v.shape[0]] for n, v in observed.loss_inputs().items()}
+
+
 def _quantize_block(sm: SequentialModel, block: Block, boundary: Boundary, cfg: AWQConfig, plan: AWQPlan,
-                    writer: BlockWriter | None, device: torch.device, run_next: bool, keep: set[str]) -> BlockRecord:
+                    writer: BlockWriter | None, device: torch.device, run_next: bool, keep: set[str],
+                    quant: Boundary | None = None) -> BlockRecord:
     rec = BlockRecord(block.index, block.owner, sum(get_param(sm.gm, p).numel() for p in block.params), 0, 0)
     t_start = time.perf_counter()
 
@@ -519,19 +528,24 @@ def _quantize_block(sm: SequentialModel, block: Block, boundary: Boundary, cfg: 
         if run_next and not quant_boundary:  # float weights: before the search folds them away
             _run(bgm, boundary, block, keep, device)
             t = stage("next boundary", t)
+        keep_float = quant_boundary or quant is not None  # the float block runs again after the search
         if quantized:
-            if not quant_boundary:  # the search's working copy takes the block's weights: one copy, folded in place
+            if not keep_float:  # the search's working copy takes the block's weights: one copy, folded in place
                 release_parameters(bgm)  # now: a GraphModule and its Graph form a cycle, freed by a full collection
                 del bgm
-            block_plan = search(observed, cfg, progress=False, take_weights=not quant_boundary)
+            q_inputs = None if quant is None else _quant_sample(quant, observed)
+            block_plan = search(observed, cfg, progress=False, take_weights=not keep_float, quant_inputs=q_inputs)
             del observed
             rec.groups, rec.weights = len(block_plan.groups), len(block_plan.weights)
             plan.groups.extend(block_plan.groups)
             plan.weights.update(block_plan.weights)
+            if "refine_blocks" in block_plan.metadata:
+                plan.metadata.setdefault("refine_blocks", []).extend(block_plan.metadata["refine_blocks"])
             t = stage("search", t)
-        if run_next and quant_boundary:
+        if run_next and keep_float:
             runner = convert(bgm, block_plan, weights="fake") if block_plan is not None else bgm
-            _run(runner, boundary, block, keep, device)
+            for stream in ([boundary] if quant_boundary else []) + ([quant] if quant is not None else []):
+                _run(runner, stream, block, keep, device)
             del runner
             t = stage("next boundary", t)
         bgm = observed = None

@@ -20,7 +20,8 @@ converted once by ``awqfx.app.assets``) and is scored by the same code on the sa
   library defaults, as ``awqfx eval``), calibrated on the ``--samples`` x ``--seq-len`` windows of
   ``assets.calibration_samples(tok, samples, seq_len, source=--calib)`` (``--calib`` omitted:
   awqfx's default source).
-* ``awqfx+gptq``: the same with ``refine="gptq"`` (skipped with a note where AWQConfig has no refine).
+* ``awqfx+gptq`` / ``awqfx+block``: the same with ``refine="gptq"`` / ``refine="block"``
+  (``--refine-iters`` / ``--refine-batch`` set the block refine's steps and batch).
 * ``autoround``: ``AutoRound(model, tok, bits, group_size, sym=False, iters, nsamples, seqlen,
   dataset=<those same windows as a list of [1, seq_len] tensors>, device_map="cpu")`` then
   ``quantize()``, which leaves the fake-quantized (quantize-dequantize) weights in the model. The
@@ -56,8 +57,9 @@ from awqfx.app import assets
 from awqfx.app.evaluate import perplexity, windows_for_eval
 from awqfx.capture import capture
 from awqfx.config import AWQConfig
+from awqfx.search.driver import gap_recovered
 
-METHODS = ("fp", "rtn", "awqfx", "awqfx+gptq", "autoround", "autoround-rtn")
+METHODS = ("fp", "rtn", "awqfx", "awqfx+gptq", "awqfx+block", "autoround", "autoround-rtn")
 DEFAULT_METHODS = "fp,rtn,awqfx,awqfx+gptq,autoround"
 PEERS_HINT = ("auto-round is not installed in this interpreter ({python}); create its venv with "
               "`bash scripts/peers-env.sh` and run this script with /work/peers-venv/bin/python")
@@ -80,7 +82,7 @@ def recovery(fp: float | None, rtn: float | None, ppl: float) -> float | None:
     """(rtn - ppl) / (rtn - fp): the share of RTN's perplexity gap to fp that a method closes."""
     if fp is None or rtn is None or rtn == fp or not math.isfinite(ppl):
         return None
-    return (rtn - ppl) / (rtn - fp)
+    return gap_recovered(fp, rtn, ppl)
 
 
 def resolve_text(spec: str | None) -> tuple[str, str]:
@@ -170,8 +172,9 @@ def qdq_levels(model: torch.nn.Module, group_size: int, max_groups: int = 256) -
 
 
 def run_awqfx(gm, calib: torch.Tensor | None, bits: int, group_size: int, method: str,
-              refine: str = "none") -> tuple[torch.nn.Module, dict[str, Any]]:
-    cfg = AWQConfig.of(bits=bits, group_size=group_size, method=method, refine=refine)
+              refine: str = "none", **refine_fields: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+    cfg = AWQConfig.of(bits=bits, group_size=group_size, method=method, refine=refine,
+                       **(refine_fields if refine != "none" else {}))
     t0 = time.perf_counter()
     observed = prepare(gm, cfg)
     if cfg.needs_calibration:
@@ -246,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoround-bf16", action="store_true",
                    help="tune auto-round in bf16 (amp=True, its CPU default) instead of float32")
     p.add_argument("--seed", type=int, default=42, help="auto-round's seed (default 42, its own)")
+    p.add_argument("--refine-iters", type=int, default=None, help="awqfx+block: steps per block (default awqfx's)")
+    p.add_argument("--refine-batch", type=int, default=None, help="awqfx+block: sequences per step (default awqfx's)")
     p.add_argument("--json", default=None, help="write the result here")
     return p
 
@@ -304,17 +309,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for m in methods:
         if m == "fp":
             score(m, gm, {"quantize_s": None})
-        elif m in ("rtn", "awqfx", "awqfx+gptq"):
-            method, refine = ("rtn", "none") if m == "rtn" else ("awq", "gptq" if m == "awqfx+gptq" else "none")
-            try:
-                qgm, info = run_awqfx(gm, calib, args.bits, args.group_size, method, refine)
-            except Exception as e:  # an awqfx without refine="gptq" is a note, not a failure
-                if m != "awqfx+gptq":
-                    raise
-                note = f"skipped: AWQConfig.of(refine='gptq') raised {e!r}"
-                print(note, flush=True)
-                done({"method": m, "ppl": None, "note": note})
-                continue
+        elif m == "rtn" or m.startswith("awqfx"):
+            method, _, refine = ("rtn", "", "none") if m == "rtn" else ("awq", *m.partition("+")[1:])
+            qgm, info = run_awqfx(gm, calib, args.bits, args.group_size, method, refine or "none",
+                                  refine_iters=args.refine_iters, refine_batch=args.refine_batch)
             info["quantize_s"] += capture_s
             info["capture_s"] = capture_s
             score(m, qgm, info)

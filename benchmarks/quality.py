@@ -1,15 +1,15 @@
 """Benchmark: each quality change of issue #16 alone and together, on texts of several domains.
 
     python benchmarks/quality.py [--model MODEL] [--bits 4] [--group-size 64] [--calib plays,mix]
-        [--configs rtn,gptq,awq,awq+gptq] [--texts plays,prose,licenses] [--samples 128]
-        [--seq-len 512] [--max-windows 16] [--json FILE]
+        [--configs rtn,gptq,awq,awq+gptq,awq+block] [--texts plays,prose,licenses] [--samples 128]
+        [--seq-len 512] [--max-windows 16] [--refine-iters N] [--refine-batch N] [--json FILE]
 
 For each calibration source (``--calib``: ``plays``, the old default; ``mix``, the default since
 #16; or a path) the model is captured and calibrated once, then each config is searched on those
 statistics and evaluated on ``--max-windows`` x ``--seq-len`` windows of every text (``--texts``:
 names of ``awqfx.app.assets.named_eval_text`` or paths). Configs: ``rtn`` (round to nearest, the
 baseline, no calibration), ``gptq`` (GPTQ rounding on RTN's grid), ``awq`` (the default search),
-``awq+gptq`` (``--refine gptq``). Printed: perplexity per (calibration, config, text), the share of
+``awq+gptq`` (``--refine gptq``), ``awq+block`` (``--refine block``). Printed: perplexity per (calibration, config, text), the share of
 RTN's gap to fp each config recovers on each text, and the quantization time (calibration once per
 source, then the search).
 """
@@ -33,6 +33,7 @@ CONFIGS = {
     "gptq": dict(method="gptq"),
     "awq": dict(method="awq"),
     "awq+gptq": dict(method="awq", refine="gptq"),
+    "awq+block": dict(method="awq", refine="block"),
 }
 
 
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> dict:
         for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
             if name == "rtn" and rtn_ppl:
                 continue  # no calibration: the same model for every source
-            cfg = AWQConfig.of(bits=args.bits, group_size=args.group_size, **CONFIGS[name])
+            block = {"refine_iters": args.refine_iters, "refine_batch": args.refine_batch} if "block" in name else {}
+            cfg = AWQConfig.of(bits=args.bits, group_size=args.group_size, **CONFIGS[name], **block)
             t0 = time.perf_counter()
             if observed is None and cfg.needs_calibration:
                 observed = prepare(gm, cfg.with_(method="awq"))
@@ -106,6 +108,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=16)
+    p.add_argument("--refine-iters", type=int, default=None, help="awq+block: steps per block (default awqfx's)")
+    p.add_argument("--refine-batch", type=int, default=None, help="awq+block: sequences per step (default awqfx's)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     unknown = [c for c in args.configs.split(",") if c.strip() and c.strip() not in CONFIGS]

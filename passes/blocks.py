@@ -32,7 +32,7 @@ import torch.nn as nn
 from awqfx.graph import fetch_attr
 from awqfx.groups import ScaleGroup
 
-__all__ = ["Block", "BlockSplitError", "split_blocks", "block_module"]
+__all__ = ["Block", "BlockSplitError", "split_blocks", "block_module", "whole_block", "needed_after"]
 
 
 class BlockSplitError(ValueError):
@@ -152,6 +152,25 @@ def _block(gm: fx.GraphModule, index: int, seg: list[fx.Node], order: dict, is_p
     params = sorted(a.target for a in attrs if is_param[a])
     return Block(index, [n.name for n in seg if n.op not in ("get_attr", "placeholder")], [a.name for a in inputs],
                  [n.name for n in outputs], params, sorted(a.target for a in attrs if not is_param[a]), _owner(params))
+
+
+def whole_block(gm: fx.GraphModule) -> Block:
+    """All of ``gm`` as one block: its placeholders in, its outputs out (a graph no cut splits)."""
+    nodes = list(gm.graph.nodes)
+    is_param = {n: n.op == "get_attr" and isinstance(fetch_attr(gm, n.target), nn.Parameter) for n in nodes}
+    block = _block(gm, 0, nodes, {n: i for i, n in enumerate(nodes)}, is_param)
+    block.outputs = [n.name for n in nodes[-1].all_input_nodes]  # the output node's values, in order
+    return block
+
+
+def needed_after(blocks: list[Block]) -> list[set[str]]:
+    """``out[k]``: the boundary values some block after ``k`` reads."""
+    out: list[set[str]] = [set() for _ in blocks]
+    later: set[str] = set()
+    for k in range(len(blocks) - 1, -1, -1):
+        out[k] = set(later)
+        later |= set(blocks[k].inputs)
+    return out
 
 
 def _on_device(x: Any, device: torch.device) -> Any:

@@ -135,6 +135,7 @@ def _search_kwargs(args: argparse.Namespace) -> dict:
                 clip_rounds=args.clip_rounds, clip_skip_qk=not args.clip_qk,
                 n_grid=args.n_grid, loss_samples=args.loss_samples, propagate=args.propagate,
                 refine=args.refine, refine_damp=args.refine_damp, refine_act_order=args.refine_act_order,
+                refine_iters=args.refine_iters, refine_lr=args.refine_lr, refine_batch=args.refine_batch,
                 calib_dtype=dtype, search_dtype=dtype, **_act_kwargs(args), **_target_kwargs(args))
 
 
@@ -341,13 +342,21 @@ def _quant_flags(p: argparse.ArgumentParser, group_size: int, multi_bits: bool =
     s.add_argument("--loss-samples", type=int, default=d.loss_samples,
                    help=f"calibration sequences kept for the search losses (default {d.loss_samples})")
     r = Refine()
-    s.add_argument("--refine", choices=["none", "gptq"], default="none",
+    s.add_argument("--refine", choices=["none", "gptq", "block"], default="none",
                    help="round the searched weights again: gptq (error-feedback rounding on the grid the searches "
-                        "chose, against each linear's input Gram; the scales stay) or none (default none)")
+                        "chose, against each linear's input Gram; the scales stay), block (each weight's rounding and "
+                        "each group's range learnt against its block's output, as auto-round does) or none "
+                        "(default none)")
     s.add_argument("--refine-damp", type=float, default=r.damp,
                    help=f"GPTQ damping, a fraction of the Gram's mean diagonal (default {r.damp})")
     s.add_argument("--refine-act-order", action=argparse.BooleanOptionalAction, default=r.act_order,
                    help="GPTQ rounds the inputs with the most energy first (default on)")
+    s.add_argument("--refine-iters", type=int, default=r.iters,
+                   help=f"--refine block: signed-gradient steps per block (default {r.iters})")
+    s.add_argument("--refine-lr", type=float, default=r.lr,
+                   help="--refine block: first step size, decaying linearly to 0 (default 1 / --refine-iters)")
+    s.add_argument("--refine-batch", type=int, default=r.batch,
+                   help=f"--refine block: loss-sample sequences per step (default {r.batch})")
     s.add_argument("--propagate", choices=["fp", "quant"], default=d.propagate,
                    help="later groups see float (fp, reference) or already-quantized (quant) earlier outputs "
                         f"(default {d.propagate})")

@@ -329,6 +329,13 @@ def _describe_weights(rep: Report, plan, cfg: AWQConfig) -> None:
     rep.facts["quantized weights"] = f"{len(plan.weights)} ({cfg.weights.bits}-bit, group {cfg.weights.group_size}, " \
                                      f"{'symmetric' if cfg.weights.symmetric else 'asymmetric'}" + \
                                      (f"; {refined} rounded by {cfg.refine.method})" if cfg.refine else ")")
+    blocks = plan.metadata.get("refine_blocks")
+    if blocks:
+        ratios = [b["loss_final"] / b["loss_start"] for b in blocks if b["loss_start"] > 0]
+        kept = sum(b["kept"] for b in blocks)
+        rep.facts["block rounding"] = (f"{len(blocks)} blocks, output error {statistics.median(ratios):.2f}x of round to "
+                                       f"nearest on the searched grid (median), {len(blocks) - kept} left unrefined "
+                                       f"(no gain); {cfg.refine.iters} steps of {cfg.refine.batch} sequences")
 
 
 def _quantize_blocks(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fmt: str, calib_source, samples: int,

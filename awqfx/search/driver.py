@@ -6,8 +6,10 @@ best into the working copy; a weight task searches a weight's clip ranges
 (:mod:`awqfx.search.clip`), rounds it by GPTQ on that grid when the config refines
 (:mod:`awqfx.search.gptq`, against the Gram of every loss-sample token the linear reads) and,
 with ``propagate="quant"``, quantizes it there. The loss sample
-is replayed through the working copy on demand (:mod:`awqfx.search.replay`). The result is an
-:class:`~awqfx.plan.AWQPlan`; neither the observed graph nor the caller's model is modified.
+is replayed through the working copy on demand (:mod:`awqfx.search.replay`). With ``--refine
+block`` the rounding of every weight is then learnt block by block on the folded graph
+(:mod:`awqfx.search.block_rounding`). The result is an :class:`~awqfx.plan.AWQPlan`; neither the
+observed graph nor the caller's model is modified.
 
 Weight-activation mode (``AWQConfig.activations``): the working copy has an activation quantizer
 before every quantized linear (:mod:`awqfx.passes.act_quantizers`). The replay runs them off
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -42,6 +45,7 @@ from awqfx.passes.input_scales import insert_input_scales
 from awqfx.passes.observers import remove_observers
 from awqfx.passes.region import extract_region
 from awqfx.plan import AWQPlan, GroupPlan, WeightPlan
+from awqfx.search.block_rounding import refine_blocks
 from awqfx.search.clip import absolute_clip, input_gram, search_clip
 from awqfx.search.gptq import gptq_codes
 from awqfx.search.replay import Replay, chunk_sample, loss_sample
@@ -125,7 +129,7 @@ def _share_clips(ratio_of: dict[str, torch.Tensor], clip_tokens: dict[str, int],
 
 
 def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: bool = True,
-           take_weights: bool = False) -> AWQPlan:
+           take_weights: bool = False, quant_inputs: dict[str, Any] | None = None) -> AWQPlan:
     """Find the AWQ scales and clip ranges for a calibrated :class:`ObservedGraph`; returns the plan.
 
     ``config`` defaults to the one given to ``prepare``; a different one may be passed to try
@@ -135,6 +139,9 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     tensors), so each folded weight replaces its float original instead of adding a copy -- for a
     caller that holds no other reference to them and needs neither again (block-by-block mode).
     With ``propagate="quant"`` the observed graph keeps them: its final fold starts from them.
+    ``quant_inputs`` (``--refine block``): the loss sample's graph inputs as the quantized model
+    computes them (block-by-block mode: the quantized stream at the block's boundary; same keys
+    and rows as the recorded sample); None: the recorded ones.
     """
     cfg = config or observed.config
     if not cfg.needs_calibration:
@@ -162,7 +169,8 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     clip = cfg.clip
     qk = set(observed.discovery.attention_qk) if clip is not None and clip.skip_qk else set()
     clip_set = set() if clip is None else {w for w in weights if w not in qk and get_param(work, w).dim() == 2}
-    refine_set = set() if cfg.refine is None else {w for w in weights if get_param(work, w).dim() == 2}
+    refined = set() if cfg.refine is None else {w for w in weights if get_param(work, w).dim() == 2}
+    refine_set = refined if cfg.refine is not None and cfg.refine.method == "gptq" else set()  # rounded per linear
     searched = clip_set | refine_set  # weight tasks that read the linear's input
     task_weights = {w: lin_node[w] for w in weights if w in searched or quant_mode}
     regions = {gi: extract_region(work, g) for gi, g in enumerate(groups)}
@@ -176,6 +184,8 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     clip_turn = {w: i for i, w in enumerate(w for kind, w in sched.tasks if kind == "weight" and w in searched)}
 
     sample = loss_sample(observed, cfg.runtime.loss_samples)
+    if quant_inputs is not None and set(quant_inputs) != set(sample):
+        raise ValueError(f"quant_inputs must hold the graph inputs {sorted(sample)}, got {sorted(quant_inputs)}")
     chunks = chunk_sample(sample, cfg.runtime.batch_size, device, observed.unbatched_inputs())
     stream = Replay(work, chunks, sched.needed_until, sched.last_change,
                     sched.last_use)
@@ -254,12 +264,23 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     for w, codes in codes_of.items():
         weights[w].codes = codes
         weights[w].info.update(refine=cfg.refine.method, refine_tokens=refine_tokens.get(w))
+    block_records = []
+    t_refine = time.perf_counter()
+    if refined and not refine_set:  # --refine block: on the folded float graph, after every range is known
+        with cfg.autocast("search", device, float_dtype(final)):
+            unbatched = observed.unbatched_inputs()
+            block_records = refine_blocks(
+                final, groups, weights, refined, chunk_sample(sample, cfg.refine.batch, device, unbatched), cfg.refine,
+                progress=progress and distributed.is_main(),
+                quant_chunks=None if quant_inputs is None else chunk_sample(quant_inputs, cfg.refine.batch, device,
+                                                                            unbatched))
+    t_refine = time.perf_counter() - t_refine
     replay_s, replayed = stream.seconds, stream.nodes_run
     del stream, regions, work, final
     release_memory()
     timings = dict(observed.timings)
     timings.update({"search_s": time.perf_counter() - t_start, "search_scale_s": t_scale, "search_clip_s": t_clip,
-                    "search_replay_s": replay_s})
+                    "search_replay_s": replay_s, "search_refine_blocks_s": t_refine})
     meta = {
         "awqfx_version": awqfx.__version__,
         "torch_version": torch.__version__,
@@ -273,6 +294,8 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
         "groups_skipped": [g.name for g in observed.groups if g not in groups],
         "groups_dropped": [g.site for g in observed.dropped],
     }
+    if block_records:
+        meta["refine_blocks"] = block_records
     plan_groups = [GroupPlan(groups[gi], scale_of[gi].float().cpu(), infos[gi]) for gi in sorted(scale_of)]
     return AWQPlan(plan_groups, weights, cfg.to_dict(), meta)
 
