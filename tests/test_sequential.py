@@ -179,7 +179,7 @@ def test_block_refine_trains_each_block_on_the_quantized_stream_as_the_whole_gra
     two models agree far more closely than either does with the unrefined one."""
     calib, cfg = calib_ids(8, 16), CFG.with_(refine="block", refine_iters=20)
     plan, _ = quantize_sequential(open_sequential(llama_dir), calib, cfg, tmp_path / "seq", progress=False)
-    assert all(wp.info["refine"] == "block" for wp in plan.weights.values())
+    assert all(wp.info["refine"] == "block" and wp.info["refine_tokens"] == 4 * 16 for wp in plan.weights.values())
     model = build("llama")
     whole = _whole(model, calib, cfg)
     plain = _whole(model, calib, CFG)

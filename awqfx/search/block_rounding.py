@@ -225,7 +225,7 @@ def _train(bgm: fx.GraphModule, block: Block, rounds: list[_Rounding], q_in: lis
 
 def refine_blocks(gm: fx.GraphModule, groups: list[ScaleGroup], weights: dict[str, WeightPlan], names: set[str],
                   chunks: list[dict[str, Any]], refine: Refine, progress: bool = True,
-                  quant_chunks: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                  quant_chunks: list[dict[str, Any]] | None = None, tokens: int = 0) -> list[dict[str, Any]]:
     """Learn the rounding of the weights ``names`` block by block (module doc) and write it into
     their plans (``max_val``, ``min_val``, ``codes``; a block left at its start keeps its plans);
     returns one loss record per block trained.
@@ -233,14 +233,14 @@ def refine_blocks(gm: fx.GraphModule, groups: list[ScaleGroup], weights: dict[st
     ``gm``: the folded float graph (the search's result, no observers); ``chunks``: the loss
     sample as graph inputs, one dict per mini-batch, on the graph's device; ``quant_chunks``: the
     same rows as the quantized model feeds ``gm`` (a block of block-by-block mode, after the
-    blocks before it were quantized), None: the same as ``chunks``."""
+    blocks before it were quantized), None: the same as ``chunks``; ``tokens``: how many tokens
+    the loss sample holds (recorded in each weight's info)."""
     blocks = _blocks(gm, groups)
     active = [b.index for b in blocks if any(w in names for w in b.params)]
     if not active:
         return []
     keep_after = needed_after(blocks)
     device = next((v.device for v in chunks[0].values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
-    tokens = sum(_tokens(c) for c in chunks)
     fp_vals = [dict(c) for c in chunks]
     q_vals = None if quant_chunks is None else [dict(c) for c in quant_chunks]  # None: the float stream
     records = []
@@ -278,8 +278,3 @@ def refine_blocks(gm: fx.GraphModule, groups: list[ScaleGroup], weights: dict[st
         del bgm, refs, q_out
     bar.close()
     return records
-
-
-def _tokens(chunk: dict[str, Any]) -> int:
-    t = next((v for v in chunk.values() if isinstance(v, torch.Tensor) and v.dim() == 2), None)
-    return 0 if t is None else t.numel()

@@ -273,7 +273,9 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
                 final, groups, weights, refined, chunk_sample(sample, cfg.refine.batch, device, unbatched), cfg.refine,
                 progress=progress and distributed.is_main(),
                 quant_chunks=None if quant_inputs is None else chunk_sample(quant_inputs, cfg.refine.batch, device,
-                                                                            unbatched))
+                                                                            unbatched),
+                tokens=max((v.shape[0] * v.shape[1] for k, v in sample.items()  # rows x sequence
+                            if isinstance(v, torch.Tensor) and v.dim() >= 2 and k not in unbatched), default=0))
     t_refine = time.perf_counter() - t_refine
     replay_s, replayed = stream.seconds, stream.nodes_run
     del stream, regions, work, final
