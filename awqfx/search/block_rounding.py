@@ -59,6 +59,7 @@ class _Rounding:
 
     name: str
     in_dim: int
+    spec: QuantSpec
     dtype: torch.dtype  # the parameter's
     w: torch.Tensor
     mx: torch.Tensor
@@ -85,7 +86,7 @@ class _Rounding:
         col = torch.empty(w.shape[-1], dtype=torch.long, device=w.device)
         for gi, (lo, hi) in enumerate(group_bounds(w.shape[-1], spec.group_size)):
             col[lo:hi] = gi
-        return cls(name, wp.in_dim, param.dtype, w, mx, mn, c, col, torch.zeros_like(w).requires_grad_(),
+        return cls(name, wp.in_dim, spec, param.dtype, w, mx, mn, c, col, torch.zeros_like(w).requires_grad_(),
                    a.clone().requires_grad_(), b.clone().requires_grad_(), a.clamp(max=MIN_RATIO),
                    b.clamp(max=MIN_RATIO), a, b)
 
@@ -95,8 +96,9 @@ class _Rounding:
     def ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
         return shrink_toward(self.mx, self.centre, self.a), shrink_toward(self.mn, self.centre, self.b)
 
-    def fake(self, spec: QuantSpec) -> torch.Tensor:
+    def fake(self) -> torch.Tensor:
         """The dequantized weight, differentiable in ``v``, ``a``, ``b`` (the parameter's shape)."""
+        spec = self.spec
         hi, lo = self.ranges()
         qmax = float(spec.qmax)
         if spec.symmetric:  # as compute_qparams: the zero is fixed
@@ -129,14 +131,14 @@ class _Rounding:
             for p, s in zip(self.params(), state):
                 p.copy_(s)
 
-    def result(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(codes uint8 [R, in], max_val, min_val [R, G])``: the learnt state as plan data, the codes
         on exactly the grid ``compute_qparams`` derives from those ranges."""
         with torch.no_grad():
             hi, lo = (t.detach().float() for t in self.ranges())
-            s, z = compute_qparams(self.w, spec, hi, lo)
+            s, z = compute_qparams(self.w, self.spec, hi, lo)
             s, z = s[:, self.col], z.float()[:, self.col]
-            q = torch.clamp(torch.round(self.w / s + self.v) + z, 0.0, float(spec.qmax))
+            q = torch.clamp(torch.round(self.w / s + self.v) + z, 0.0, float(self.spec.qmax))
         return q.to(torch.uint8).cpu(), hi.cpu(), lo.cpu()
 
 
@@ -185,13 +187,13 @@ def _advance(values: list[dict[str, Any]], block: Block, outs: list[tuple], keep
 
 
 def _train(bgm: fx.GraphModule, block: Block, rounds: list[_Rounding], q_in: list[dict], refs: list[tuple],
-           spec: QuantSpec, refine: Refine) -> dict[str, Any]:
+           refine: Refine) -> dict[str, Any]:
     """Learn ``rounds`` on the block; returns the block's losses (the module doc)."""
     reached = _reached(bgm, {r.name for r in rounds})
 
     def loss_on(c: int, grad: bool) -> torch.Tensor:
         with torch.set_grad_enabled(grad):
-            subs = {r.name: r.fake(spec) for r in rounds}
+            subs = {r.name: r.fake() for r in rounds}
             return _mse(functional_call(bgm, subs, _args(q_in[c], block.inputs)), refs[c], reached)
 
     def total() -> float:
@@ -255,13 +257,13 @@ def refine_blocks(gm: fx.GraphModule, groups: list[ScaleGroup], weights: dict[st
         q_out = refs
         if todo:
             rounds = [_Rounding.of(w, get_param(gm, w), weights[w]) for w in todo]
-            rec = _train(bgm, block, rounds, q_vals or fp_vals, refs, weights[todo[0]].spec, refine)
+            rec = _train(bgm, block, rounds, q_vals or fp_vals, refs, refine)
             records.append(rec)
             bar.set_postfix(loss=f"{rec['loss_final'] / max(rec['loss_start'], 1e-30):.3f}")
             for r in rounds:
                 wp = weights[r.name]
                 if rec["kept"]:
-                    wp.codes, wp.max_val, wp.min_val = r.result(wp.spec)
+                    wp.codes, wp.max_val, wp.min_val = r.result()
                 wp.info.update(refine="block", refine_tokens=tokens, block_loss=[rec["loss_start"], rec["loss_final"]],
                                block_kept=rec["kept"])
             final = {w: fake_quantize_param(get_param(gm, w), weights[w].in_dim, weights[w].spec, weights[w].max_val,
