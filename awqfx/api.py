@@ -80,7 +80,7 @@ def prepare(gm: nn.Module, config: AWQConfig | Mapping | None = None, *, targets
         disc = apply_targets(work, disc, targets)
     groups, dropped = searched_groups(disc, cfg)
     linears, data_of = linear_table(work)
-    means, samples = insert_observers(work, groups, cfg.runtime.loss_samples if cfg.needs_calibration else 0)
+    means, samples = insert_observers(work, groups, cfg.recorded_samples)
     observed = ObservedGraph(work, disc, cfg, groups, linears, data_of, means, samples, dropped=dropped)
     spec = cfg.spec
     for w in disc.quantizable:

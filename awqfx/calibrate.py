@@ -98,19 +98,27 @@ def _calibration_module(observed: ObservedGraph) -> fx.GraphModule:
     return cm
 
 
-def loss_sample_order(n: int, k: int) -> torch.Tensor:
-    """An order of ``n`` rows whose first ``k`` are evenly spaced over all ``n``.
+def loss_sample_order(n: int, k: int, held: int = 0) -> torch.Tensor:
+    """An order of ``n`` rows whose first ``k`` are evenly spaced over all ``n``, and the next
+    ``held`` evenly spaced over the rest.
 
-    The search's loss sample is the first ``k`` calibration sequences; calibration windows are cut
-    in text order, so the first ``k`` would all come from the beginning of the text (one or two
-    plays of thirty). The per-channel statistics do not depend on the order.
+    The search's loss sample is the first ``k`` calibration sequences and the guard's held-back
+    sample the next ``held``; calibration windows are cut in text order, so the first ``k`` would
+    all come from the beginning of the text (one or two plays of thirty). The first ``k`` do not
+    depend on ``held``, and the per-channel statistics not on the order.
     """
     if n <= k:
         return torch.arange(n)
     first = torch.linspace(0, n - 1, k).round().long().unique()
     rest = torch.ones(n, dtype=torch.bool)
     rest[first] = False
-    return torch.cat([first, torch.arange(n)[rest]])
+    others = torch.arange(n)[rest]
+    if held > 0 and others.numel() > held:
+        pick = torch.linspace(0, others.numel() - 1, held).round().long().unique()
+        keep = torch.ones(others.numel(), dtype=torch.bool)
+        keep[pick] = False
+        others = torch.cat([others[pick], others[keep]])
+    return torch.cat([first, others])
 
 
 def _default_device(observed: ObservedGraph) -> torch.device:
@@ -135,7 +143,7 @@ def calibrate(observed: ObservedGraph, batches: Any, device: str | torch.device 
         observed._calib_gm = None
     cm = _calibration_module(observed)
     if isinstance(batches, torch.Tensor) and batches.dim() == 2 and observed.sample_observers:
-        batches = batches[loss_sample_order(batches.shape[0], cfg.runtime.loss_samples)]
+        batches = batches[loss_sample_order(batches.shape[0], cfg.runtime.loss_samples, cfg.guard_samples)]
     it = iter_batches(batches, cfg.runtime.batch_size)
     mine, before = None, None
     if distributed.world_size() > 1:  # a contiguous share of the batches (docs/design.md "Distributed calibration")

@@ -138,6 +138,10 @@ class ScaleSearch:
     drop_unfoldable: leave unscaled (s = 1) every group whose scale no parameter can absorb (an
     activation producer, GELU -> fc2: its ``1/s`` needs an inserted scale node), for outputs
     that cannot hold such a node (``--drop-unfoldable``; ``ObservedGraph.dropped`` lists them).
+    guard_samples: calibration sequences held back from the search (recorded after the loss
+    sample) on which each group's chosen scale must lower its region loss against s = 1; a group
+    whose scale does not is left unscaled (``--guard-samples``; 0: no guard; docs/design.md,
+    "The per-group guard").
     """
 
     n_grid: int = 20
@@ -145,6 +149,7 @@ class ScaleSearch:
     include_identity: bool = True
     propagate: str = "fp"
     drop_unfoldable: bool = False
+    guard_samples: int = 0
 
     def __post_init__(self) -> None:
         _need_int("ScaleSearch", "n_grid", self.n_grid, 1)
@@ -152,6 +157,7 @@ class ScaleSearch:
         _need_bool("ScaleSearch", "include_identity", self.include_identity)
         _need_choice("ScaleSearch", "propagate", self.propagate, _PROPAGATE)
         _need_bool("ScaleSearch", "drop_unfoldable", self.drop_unfoldable)
+        _need_int("ScaleSearch", "guard_samples", self.guard_samples, 0)
 
 
 @dataclass(frozen=True)
@@ -327,6 +333,7 @@ FLAT_FIELDS: dict[str, tuple[str, str]] = {
     "scheme": ("weights", "scheme"),
     "n_grid": ("scales", "n_grid"), "scale_form": ("scales", "form"), "include_identity": ("scales", "include_identity"),
     "propagate": ("scales", "propagate"), "drop_unfoldable": ("scales", "drop_unfoldable"),
+    "guard_samples": ("scales", "guard_samples"),
     "clip": ("clip", "mode"), "clip_grid": ("clip", "grid"), "clip_rounds": ("clip", "rounds"),
     "max_shrink": ("clip", "max_shrink"), "clip_skip_qk": ("clip", "skip_qk"), "clip_tokens": ("clip", "tokens"),
     "device": ("runtime", "device"), "batch_size": ("runtime", "batch_size"), "loss_samples": ("runtime", "loss_samples"),
@@ -470,6 +477,17 @@ class AWQConfig:
         calibration data is needed)."""
         return (self.scales is not None or self.clip is not None or self.smoothquant is not None
                 or self.refine is not None)
+
+    @property
+    def guard_samples(self) -> int:
+        """Sequences held back for the per-group guard (0 without a scale search)."""
+        return self.scales.guard_samples if self.scales is not None else 0
+
+    @property
+    def recorded_samples(self) -> int:
+        """Calibration sequences ``prepare`` records as graph inputs: the loss sample, then the
+        guard's held-back ones (0 when nothing is searched)."""
+        return self.runtime.loss_samples + self.guard_samples if self.needs_calibration else 0
 
     @property
     def scaled(self) -> bool:

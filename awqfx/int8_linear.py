@@ -14,7 +14,9 @@ layout, held as buffers:
 * ``bias``         optional, float.
 
 ``forward`` calls ``torch.ops.awqfx.int8_linear`` under graph capture (a graph that holds the
-module re-exports with ``torch.export`` and saves as ``.pt2``), the same function directly otherwise. :func:`pack_int8_model` swaps a module tree's linears
+module re-exports with ``torch.export`` and saves as ``.pt2``), the same function directly otherwise.
+On the CPU it multiplies the integers in float32 instead of with ``torch._int_mm`` from the input
+length where that is faster, timed per shape on the machine (:mod:`awqfx.kernel_choice`). :func:`pack_int8_model` swaps a module tree's linears
 for them (the module-tree applier's ``weights="packed"`` for a weight-activation plan).
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from awqfx import kernel_choice
 from awqfx.config import ActSpec
 from awqfx.kernels_int8 import int8_linear_eager  # importing it registers torch.ops.awqfx.int8_linear
 from awqfx.modules import capturing
@@ -55,6 +58,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_zero", None if symmetric else
                              torch.zeros(out_features, ng, dtype=torch.int8, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+        self._dense_from: int | None = None  # the kernel choice, made at the first call (dense_from)
+        self._dense_device: torch.device | None = None
 
     @property
     def spec(self) -> QuantSpec:
@@ -99,12 +104,22 @@ class Int8Linear(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.int_weight, self.weight_scale, self.weight_zero)
                    if t is not None)
 
+    @property
+    def dense_from(self) -> int:
+        """From how many input rows this layer multiplies in float32 instead of with ``torch._int_mm``
+        (0: never), chosen for its shape on its device by :func:`awqfx.kernel_choice.choice`."""
+        dev = self.int_weight.device
+        if self._dense_from is None or self._dense_device != dev:
+            chosen = kernel_choice.choice(self.out_features, self.in_features, self.group_size, dev, kind="int8")
+            self._dense_from, self._dense_device = chosen.dense_from or 0, dev
+        return self._dense_from
+
     def forward(self, x: Tensor) -> Tensor:
-        args = (x, self.int_weight, self.weight_scale, self.weight_zero, self.group_size, self.act.bits,
-                self.act.per_token, self.bias)
-        if capturing():  # the op: what a traced or exported graph records
-            return torch.ops.awqfx.int8_linear(*args)
-        return int8_linear_eager(*args)
+        if capturing():  # the op: what a traced or exported graph records (the choice made before, or none)
+            return torch.ops.awqfx.int8_linear(x, self.int_weight, self.weight_scale, self.weight_zero, self.group_size,
+                                               self.act.bits, self.act.per_token, self.bias, self._dense_from or 0)
+        return int8_linear_eager(x, self.int_weight, self.weight_scale, self.weight_zero, self.group_size,
+                                 self.act.bits, self.act.per_token, self.bias, self.dense_from)
 
     def _apply(self, fn, recurse: bool = True):
         scale = self.weight_scale

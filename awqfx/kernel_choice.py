@@ -17,6 +17,12 @@ float32 from that many tokens on), or ``measure`` (the default).
 Both paths multiply by the same weight, ``(q - 8) * scale + zero`` from the kernel's bf16
 ``scale_zeros``; they differ only in the precision of the activations (the int4 kernel rounds
 them to bf16) and in summation order.
+
+The W8A8 layer (:class:`awqfx.int8_linear.Int8Linear`, ``kind="int8"``) is chosen the same way:
+``torch._int_mm`` on the int8 codes against the same codes multiplied in float32 (the weight
+dequantized into a reused buffer, the activations' int8 codes as floats, then scaled), which gives
+the same values up to float32 summation order. ``torch._int_mm`` is fast where the CPU has int8 dot
+products (VNNI, AMX) and 25x slower than float32 on an AVX2 CPU without them (docs/results.md).
 """
 from __future__ import annotations
 
@@ -35,14 +41,17 @@ import torch
 
 from awqfx.cache import cache_dir
 from awqfx.kernels import dense_linear, int4pack_matmul, pack_int4_scale_zeros, pack_int4_weight
+from awqfx.kernels_int8 import int8_linear_eager
+from awqfx.quant import num_groups
 
-__all__ = ["KernelChoice", "ENV_DENSE_FROM", "LADDER", "choice", "measure", "machine_key", "cache_file"]
+__all__ = ["KernelChoice", "ENV_DENSE_FROM", "LADDER", "choice", "measure", "measure_int8", "machine_key", "cache_file"]
 
 log = logging.getLogger(__name__)
 
 ENV_DENSE_FROM = "AWQFX_DENSE_FROM"
 LADDER = (1, 8, 32, 64, 128, 256, 512, 1024)
 DENSE_DTYPES = ("float32", "bfloat16")
+KINDS = ("int4", "int8")
 _SLOW_CALL_S = 0.25  # stop climbing the ladder once one int4 call takes this long
 
 _lock = threading.Lock()
@@ -105,14 +114,20 @@ def _forced() -> KernelChoice | None:
     return KernelChoice(dense_from=tokens)
 
 
-def choice(out_features: int, in_features: int, group_size: int, device: torch.device | str = "cpu") -> KernelChoice:
-    """The kernel choice for this shape on ``device`` (CPU: forced, cached, or measured now)."""
+def choice(out_features: int, in_features: int, group_size: int, device: torch.device | str = "cpu",
+           kind: str = "int4") -> KernelChoice:
+    """The kernel choice for this shape on ``device`` (CPU: forced, cached, or measured now);
+    ``kind``: ``"int4"`` (the int4 kernel against dequantize + matmul) or ``"int8"`` (the W8A8
+    layer's ``torch._int_mm`` against the same integers multiplied in float32)."""
     forced = _forced()
     if forced is not None:
         return forced
     if torch.device(device).type != "cpu":
         return KernelChoice(dense_from=None)  # the dense path reads the CPU layout only
-    key = (_shape_key(out_features, in_features, group_size), machine_key())
+    if kind not in KINDS:
+        raise ValueError(f"kernel kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    shape = _shape_key(out_features, in_features, group_size)
+    key = (shape if kind == "int4" else f"{kind}:{shape}", machine_key())
     with _lock:
         if key in _memory:
             return _memory[key]
@@ -121,9 +136,9 @@ def choice(out_features: int, in_features: int, group_size: int, device: torch.d
         if key[0] in stored:
             found = KernelChoice(**{**stored[key[0]], "ladder": tuple(stored[key[0]]["ladder"])})
         else:
-            log.info("timing the int4 kernel against dequantize + matmul for %s (once per machine; cached in %s)",
-                     key[0], path)
-            found = measure(out_features, in_features, group_size)
+            log.info("timing the %s kernel against its dense float path for %s (once per machine; cached in %s)",
+                     kind, key[0], path)
+            found = (measure if kind == "int4" else measure_int8)(out_features, in_features, group_size)
             stored[key[0]] = asdict(found)
             _write(path, stored)
         _memory[key] = found
@@ -180,10 +195,38 @@ def measure(out_features: int, in_features: int, group_size: int, ladder: tuple[
         if timings["int4"][-1] > _SLOW_CALL_S:
             break
     dense_dtype = min(DENSE_DTYPES, key=lambda d: timings[d][-1])
-    dense = timings[dense_dtype]
-    dense_from = None
+    return KernelChoice(dense_from=_dense_from(measured, timings[dense_dtype], timings["int4"]),
+                        dense_dtype=dense_dtype, ladder=tuple(measured), timings=timings)
+
+
+def _dense_from(measured: list[int], dense: list[float], kernel: list[float]) -> int | None:
+    """The smallest measured token count from which the dense path is faster at it and every larger one."""
+    found = None
     for i in reversed(range(len(measured))):
-        if dense[i] >= timings["int4"][i]:
+        if dense[i] >= kernel[i]:
             break
-        dense_from = measured[i]
-    return KernelChoice(dense_from=dense_from, dense_dtype=dense_dtype, ladder=tuple(measured), timings=timings)
+        found = measured[i]
+    return found
+
+
+@torch.inference_mode()
+def measure_int8(out_features: int, in_features: int, group_size: int, ladder: tuple[int, ...] = LADDER,
+                 repeats: int = 3) -> KernelChoice:
+    """Time the W8A8 layer's integer path (``torch._int_mm``) and its float32 path (the same
+    integers multiplied as float32, :func:`awqfx.kernels_int8.int8_linear_eager`) on the CPU."""
+    n, k = out_features, in_features
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, num_groups(k, group_size), generator=gen) * 0.01
+    timings: dict[str, list[float]] = {"int8": [], "float32": []}
+    measured: list[int] = []
+    for tokens in ladder:
+        x = torch.randn(tokens, k, generator=gen)
+        for name, dense_from in (("int8", 0), ("float32", 1)):
+            run = functools.partial(int8_linear_eager, x, weight, scale, None, group_size, 8, True, None, dense_from)
+            timings[name].append(_seconds(run, repeats))
+        measured.append(tokens)
+        if timings["int8"][-1] > _SLOW_CALL_S:
+            break
+    return KernelChoice(dense_from=_dense_from(measured, timings["float32"], timings["int8"]), dense_dtype="float32",
+                        ladder=tuple(measured), timings=timings)

@@ -71,6 +71,7 @@ __all__ = [
     "int4pack_dequantize_t",
     "int4pack_matmul",
     "dense_linear",
+    "scratch_buffer",
     "expand_groups",
     "dequantize_packed",
     "unpack_codes",
@@ -386,7 +387,7 @@ def int4pack_matmul(x2: Tensor, packed_weight: Tensor, scale_zeros: Tensor, grou
 _scratch = threading.local()
 
 
-def _scratch_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+def scratch_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
     """One reused buffer per (shape, dtype, device) and thread: layers of one shape share it."""
     buffers = _scratch.__dict__.setdefault("buffers", {})
     key = (shape, dtype, device)
@@ -401,7 +402,7 @@ def dense_linear(x2: Tensor, packed_weight: Tensor, scale_zeros: Tensor, group_s
     """``x2 @ W.T`` by dequantizing the int4-kernel weight into a reused ``[K, N]`` buffer of
     ``dtype`` (:func:`int4pack_dequantize_t`) and one dense matmul in ``dtype``."""
     k, n = x2.shape[-1], scale_zeros.shape[1]
-    wt = _scratch_buffer((k, n), dtype, x2.device)
+    wt = scratch_buffer((k, n), dtype, x2.device)
     int4pack_dequantize_t(packed_weight, scale_zeros, group_size, k, dtype, out=wt)
     return x2.to(dtype) @ wt
 

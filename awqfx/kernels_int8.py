@@ -1,7 +1,7 @@
 """The weight-activation (W8A8) kernel, registered as a ``torch.library`` custom op.
 
 ``awqfx::int8_linear(Tensor x, Tensor int_weight, Tensor weight_scale, Tensor? weight_zero,
-SymInt group_size, SymInt act_bits, bool per_token, Tensor? bias=None) -> Tensor``
+SymInt group_size, SymInt act_bits, bool per_token, Tensor? bias=None, SymInt dense_from=0) -> Tensor``
 
     ``F.linear`` with integer weights and integer activations:
 
@@ -14,6 +14,9 @@ SymInt group_size, SymInt act_bits, bool per_token, Tensor? bias=None) -> Tensor
     * Per group ``g``: ``acc_g = q_x[:, g] @ int_weight[:, g].T`` in int32 with ``torch._int_mm``
       (exact), minus ``weight_zero[:, g] * sum(q_x[:, g])`` when asymmetric;
       ``y = s_x * sum_g(acc_g * weight_scale[:, g]) + bias``, float32, returned in ``x.dtype``.
+    * On the CPU, from ``dense_from`` rows on (0: never), the same integers are multiplied in
+      float32 instead (:func:`float_path`), chosen per shape by timing
+      (:mod:`awqfx.kernel_choice`, ``kind="int8"``): same values up to float32 summation order.
 
     ``torch._int_mm`` takes any shape on the CPU. On CUDA it needs more than 16 rows (fewer are
     padded with zero rows) and ``K``, ``N`` multiples of 8 (other shapes multiply the same integers
@@ -31,9 +34,10 @@ from torch import Tensor
 
 from awqfx.act_quant import quantize_activation
 from awqfx.config import ActSpec
+from awqfx.kernels import scratch_buffer
 from awqfx.quant import group_bounds
 
-__all__ = ["int_mm", "int8_linear", "int8_linear_eager"]
+__all__ = ["int_mm", "int8_linear", "int8_linear_eager", "int_path", "float_path"]
 
 _CUDA_MIN_ROWS = 17  # torch._int_mm on CUDA: "self.size(0) needs to be greater than 16"
 
@@ -51,12 +55,28 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
 
 
 def int8_linear_eager(x: Tensor, int_weight: Tensor, weight_scale: Tensor, weight_zero: Optional[Tensor], group_size: int,
-                act_bits: int, per_token: bool, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear(Q(x), (int_weight - weight_zero) * weight_scale, bias)`` on integers (module doc)."""
+                      act_bits: int, per_token: bool, bias: Optional[Tensor] = None, dense_from: int = 0) -> Tensor:
+    """``F.linear(Q(x), (int_weight - weight_zero) * weight_scale, bias)`` on integers (module doc);
+    on the CPU, inputs of ``dense_from`` rows or more (0: never) multiply the same integers in
+    float32 instead (:func:`float_path`)."""
     K = x.shape[-1]
     N = int_weight.shape[0]
     spec = ActSpec(act_bits, "per-token" if per_token else "per-tensor")
     q, s_x = quantize_activation(x.reshape(-1, K), spec)
+    if 0 < dense_from <= q.shape[0] and x.device.type == "cpu":
+        acc = float_path(q, int_weight, weight_scale, weight_zero, group_size)
+    else:
+        acc = int_path(q, int_weight, weight_scale, weight_zero, group_size)
+    y = acc * s_x
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def int_path(q: Tensor, int_weight: Tensor, weight_scale: Tensor, weight_zero: Tensor | None,
+             group_size: int) -> Tensor:
+    """``q @ ((int_weight - weight_zero) * weight_scale).T`` in float32, by exact int32 products per group."""
+    K = q.shape[-1]
     wt = int_weight.t()
     acc = None
     for g, (a, b) in enumerate(group_bounds(K, group_size)):
@@ -65,10 +85,22 @@ def int8_linear_eager(x: Tensor, int_weight: Tensor, weight_scale: Tensor, weigh
             part = part - q[:, a:b].sum(1, keepdim=True, dtype=torch.int32) * weight_zero[:, g].to(torch.int32)
         term = part.float() * weight_scale[:, g].float()
         acc = term if acc is None else acc + term
-    y = acc * s_x
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+    return acc
+
+
+def float_path(q: Tensor, int_weight: Tensor, weight_scale: Tensor, weight_zero: Tensor | None,
+               group_size: int) -> Tensor:
+    """The same product as :func:`int_path` with float32 arithmetic: the weight dequantized into a
+    reused ``[K, N]`` buffer (one per shape and thread), one dense matmul with the codes of ``q`` as
+    floats. Equal to the integer path up to float32 summation order."""
+    K, N = q.shape[-1], int_weight.shape[0]
+    wt = scratch_buffer((K, N), torch.float32, q.device)
+    wt.copy_(int_weight.t())
+    for g, (a, b) in enumerate(group_bounds(K, group_size)):
+        if weight_zero is not None:
+            wt[a:b].sub_(weight_zero[:, g].float())
+        wt[a:b].mul_(weight_scale[:, g].float())
+    return q.float() @ wt
 
 
 # The op and :func:`int8_linear_eager` are one function: ``Int8Linear`` calls the function itself
@@ -77,6 +109,7 @@ int8_linear = torch.library.custom_op("awqfx::int8_linear", mutates_args=())(int
 
 
 @int8_linear.register_fake
-def _int8_linear_fake(x, int_weight, weight_scale, weight_zero, group_size, act_bits, per_token, bias=None):
+def _int8_linear_fake(x, int_weight, weight_scale, weight_zero, group_size, act_bits, per_token, bias=None,
+                      dense_from=0):
     torch._check(x.shape[-1] == int_weight.shape[1], lambda: "x.shape[-1] must equal in_features")
     return x.new_empty((*x.shape[:-1], int_weight.shape[0]))

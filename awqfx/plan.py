@@ -102,14 +102,29 @@ class AWQPlan:
         w = rows_view(get_param(model, name).detach(), wp.in_dim)
         return quantize_weight(w, wp.spec, wp.max_val, wp.min_val, codes=wp.codes)
 
+    def group_gains(self) -> list[dict[str, Any]]:
+        """Per searched group: ``name``, ``choice``, ``gain`` (share of the region's round-to-nearest
+        error the searched scale removes on the loss sample), ``held_gain`` (the searched scale's on the
+        guard's held-back sample; None where the guard did not run or no scale was searched) and
+        ``rejected`` (the scale the guard turned down, or None)."""
+        def gain(loss, ref):
+            return None if loss is None or ref in (None, 0) else 1.0 - float(loss) / float(ref)
+
+        def searched_loss(info):  # the searched scale's, also where the guard turned it down
+            rejected = info.get("guard_rejected")
+            return info["losses"][info["candidates"].index(rejected)] if rejected else info.get("loss")
+
+        return [{"name": g.name, "choice": g.info.get("choice"),
+                 "gain": gain(searched_loss(g.info), g.info.get("loss_identity")),
+                 "held_gain": gain(g.info.get("held_loss"), g.info.get("held_loss_identity")),
+                 "rejected": g.info.get("guard_rejected")} for g in self.groups if "loss" in g.info]
+
     def summary(self) -> str:
         lines = [f"AWQPlan: {len(self.groups)} scale groups, {len(self.weights)} quantized weights"]
-        for g in self.groups:
-            i = g.info
-            lines.append(
-                f"  {g.name}: {i.get('choice', '?')} loss {i.get('loss', float('nan')):.4g} "
-                f"(rtn {i.get('loss_identity', float('nan')):.4g})"
-            )
+        for r in self.group_gains():
+            held = "" if r["held_gain"] is None else f", held-out {r['held_gain']:+.1%}"
+            guard = f" (guard kept s = 1, not {r['rejected']})" if r["rejected"] else ""
+            lines.append(f"  {r['name']}: {r['choice']} gain {r['gain']:+.1%}{held}{guard}")
         return "\n".join(lines)
 
     # -- save / load ---------------------------------------------------------------------

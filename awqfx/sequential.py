@@ -55,7 +55,7 @@ from awqfx.modules import QuantLinear
 from awqfx.observed import ObservedGraph, searched_groups
 from awqfx.packed_model import packed_modules, parent_map
 from awqfx.params import get_param, release_parameters, set_param
-from awqfx.passes.blocks import Block, BlockSplitError, block_module, needed_after, split_blocks
+from awqfx.passes.blocks import Block, BlockSplitError, after_block, block_args, block_module, needed_after, split_blocks
 from awqfx.passes.discover import discover
 from awqfx.plan import AWQPlan
 from awqfx.targets import Targets, TargetError, apply_targets, check_equivalence, declared_groups, resolve_targets
@@ -216,10 +216,10 @@ class BoundaryArgs:
 def held_batches(n: int, cfg: AWQConfig) -> set[int]:
     """The calibration batches this rank keeps at every boundary: its share of the calibration
     (:func:`awqfx.distributed.shard`, as ``calibrate`` splits them) and the first ones, which hold
-    the loss sample every rank records. All of them in one process."""
+    the loss sample (and the guard's held-back sequences) every rank records. All of them in one process."""
     if distributed.world_size() == 1:
         return set(range(n))
-    sample = -(-cfg.runtime.loss_samples // cfg.runtime.batch_size) if cfg.needs_calibration else 0
+    sample = -(-cfg.recorded_samples // cfg.runtime.batch_size)
     return set(distributed.shard(n)) | set(range(min(n, sample)))
 
 
@@ -289,16 +289,7 @@ def _run(bgm: fx.GraphModule, boundary: Boundary, block: Block, keep: set[str], 
         for i in range(boundary.n):
             values = boundary.get(i)
             if values is not None:
-                boundary.put(i, _next_values(bgm, block, values, keep, device))
-
-
-def _next_values(bgm: fx.GraphModule, block: Block, values: dict[str, Any], keep: set[str],
-                 device: torch.device) -> dict[str, Any]:
-    """One batch's values after ``block``: its outputs, and the values before it that later blocks read."""
-    outs = bgm(*(values[n].to(device) if isinstance(values[n], torch.Tensor) else values[n] for n in block.inputs))
-    kept = {k: v for k, v in values.items() if k in keep}
-    kept.update(zip(block.outputs, outs))
-    return kept
+                boundary.put(i, after_block(block, values, bgm(*block_args(block, values, device)), keep))
 
 
 def _part(model: nn.Module, prefixes: set[str]) -> nn.Module:
@@ -441,12 +432,16 @@ def quantize_sequential(
     if cfg.needs_calibration and calib.shape[0] < cfg.runtime.loss_samples:  # said once, not by every block's search
         log.warning("search: loss_samples=%d asked for, %d available: calibration had only %d sequences",
                     cfg.runtime.loss_samples, calib.shape[0], calib.shape[0])
-        cfg = cfg.with_(loss_samples=int(calib.shape[0]))
+        cfg = cfg.with_(loss_samples=int(calib.shape[0]), guard_samples=0)
+    elif cfg.needs_calibration and calib.shape[0] < cfg.recorded_samples:
+        log.warning("search: guard_samples=%d asked for, %d sequences left after the %d loss sequences",
+                    cfg.guard_samples, calib.shape[0] - cfg.runtime.loss_samples, cfg.runtime.loss_samples)
+        cfg = cfg.with_(guard_samples=int(calib.shape[0]) - cfg.runtime.loss_samples)
     needed = needed_after(sm.blocks)
     (inp,) = [n.name for n in sm.gm.graph.nodes if n.op == "placeholder"]
     rows = torch.arange(calib.shape[0])
     if cfg.needs_calibration:  # the loss sample (first rows) spread over the whole set, as calibrate does
-        rows = loss_sample_order(calib.shape[0], cfg.runtime.loss_samples)
+        rows = loss_sample_order(calib.shape[0], cfg.runtime.loss_samples, cfg.guard_samples)
     batches = [{inp: calib[rows[i : i + cfg.runtime.batch_size]]} for i in range(0, calib.shape[0], cfg.runtime.batch_size)]
     tmp_offload = None
     if offload_dir is not None:
@@ -491,11 +486,14 @@ def _refines_blocks(cfg: AWQConfig) -> bool:
 
 def _quant_sample(quant: Boundary, observed: ObservedGraph) -> dict[str, Any]:
     """The block's recorded loss sample as the quantized stream ``quant`` has it: as many rows of
-    each batched input, the recorded value of the others (the same in both streams)."""
+    each batched input (the loss sample's, not the guard's held-back ones after it), the recorded
+    value of the others (the same in both streams)."""
     batches = [quant.get(i) for i in range(quant.n)]
     unbatched = observed.unbatched_inputs()
+    rows = observed.config.runtime.loss_samples
     return {n: v if n in unbatched or not isinstance(v, torch.Tensor)
-            else torch.cat([b[n].cpu() for b in batches], 0)[: v.shape[0]] for n, v in observed.loss_inputs().items()}
+            else torch.cat([b[n].cpu() for b in batches], 0)[: min(rows, v.shape[0])]
+            for n, v in observed.loss_inputs().items()}
 
 
 def _quantize_block(sm: SequentialModel, block: Block, boundary: Boundary, cfg: AWQConfig, plan: AWQPlan,

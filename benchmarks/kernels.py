@@ -7,8 +7,9 @@ PyTorch's CPU int4 kernel (``aten._weight_int4pack_mm_for_cpu``, bf16 activation
 of awqfx's dense path (dequantize the int4 layout into a reused buffer, one fp32 matmul): what
 ``awqfx.kernel_choice`` weighs on the running machine. Then the W8A8 layer
 (``awqfx::int8_linear``: the fp32 input quantized per token, ``torch._int_mm``, one fp32 scale
-per output channel) and, to show where its time goes, ``torch._int_mm`` alone on int8 inputs and
-the per-token activation quantization alone.
+per output channel), the same layer on its float32 path (the same integers multiplied in float32:
+what ``awqfx.kernel_choice`` weighs against ``torch._int_mm``) and, to show where the time goes,
+``torch._int_mm`` alone on int8 inputs and the per-token activation quantization alone.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def main() -> None:
     g = args.group_size
     gen = torch.Generator().manual_seed(0)
     print(f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; microseconds per call")
-    cols = ["bf16", "fp32", "int4", "dense fp32", "w8a8", "_int_mm", "quant x"]
+    cols = ["bf16", "fp32", "int4", "dense fp32", "w8a8", "w8a8 fp32", "_int_mm", "quant x"]
     print(f"{'N x K':>11}{'tokens':>8}" + "".join(f"{c:>11}" for c in cols))
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
@@ -65,6 +66,7 @@ def main() -> None:
                      best_us(lambda: int4pack_matmul(x16, packed, sz, g)),
                      best_us(lambda: dense_linear(x16, packed, sz, g, torch.float32)),
                      best_us(lambda: int8_linear(x32, w8, s8, None, -1, 8, True)),
+                     best_us(lambda: int8_linear(x32, w8, s8, None, -1, 8, True, None, 1)),
                      best_us(lambda: torch._int_mm(qx, w8t)),
                      best_us(lambda: quantize_activation(x32, act))]
             print(f"{shape:>11}{m:>8}" + "".join(f"{t:>11,.0f}" for t in times))

@@ -1,15 +1,16 @@
 """Benchmark: each quality change of issue #16 alone and together, on texts of several domains.
 
     python benchmarks/quality.py [--model MODEL] [--bits 4] [--group-size 64] [--calib plays,mix]
-        [--configs rtn,gptq,awq,awq+gptq,awq+block] [--texts plays,prose,licenses] [--samples 128]
-        [--seq-len 512] [--max-windows 16] [--refine-iters N] [--refine-batch N] [--json FILE]
+        [--configs rtn,gptq,awq,awq+gptq,awq+block,awq+guard,awq+guard+block] [--texts plays,prose,licenses] [--samples 128]
+        [--seq-len 512] [--max-windows 16] [--refine-iters N] [--refine-batch N] [--guard-samples N] [--json FILE]
 
 For each calibration source (``--calib``: ``plays``, the old default; ``mix``, the default since
 #16; or a path) the model is captured and calibrated once, then each config is searched on those
 statistics and evaluated on ``--max-windows`` x ``--seq-len`` windows of every text (``--texts``:
 names of ``awqfx.app.assets.named_eval_text`` or paths). Configs: ``rtn`` (round to nearest, the
 baseline, no calibration), ``gptq`` (GPTQ rounding on RTN's grid), ``awq`` (the default search),
-``awq+gptq`` (``--refine gptq``), ``awq+block`` (``--refine block``). Printed: perplexity per (calibration, config, text), the share of
+``awq+gptq`` (``--refine gptq``), ``awq+block`` (``--refine block``), ``awq+guard``
+(``--guard-samples``, the per-group guard) and ``awq+guard+block``. Printed: perplexity per (calibration, config, text), the share of
 RTN's gap to fp each config recovers on each text, and the quantization time (calibration once per
 source, then the search).
 """
@@ -34,7 +35,18 @@ CONFIGS = {
     "awq": dict(method="awq"),
     "awq+gptq": dict(method="awq", refine="gptq"),
     "awq+block": dict(method="awq", refine="block"),
+    "awq+guard": {"method": "awq", "guard": True},
+    "awq+guard+block": {"method": "awq", "refine": "block", "guard": True},
 }
+
+
+def _config(name: str, args: argparse.Namespace) -> AWQConfig:
+    kw = dict(CONFIGS[name])
+    if kw.pop("guard", False):
+        kw["guard_samples"] = args.guard_samples
+    if "block" in name:
+        kw.update(refine_iters=args.refine_iters, refine_batch=args.refine_batch)
+    return AWQConfig.of(bits=args.bits, group_size=args.group_size, **kw)
 
 
 def _text(name: str) -> str:
@@ -52,14 +64,15 @@ def run(args: argparse.Namespace) -> dict:
     rtn_ppl: dict[str, float] = {}
     for calib in [c.strip() for c in args.calib.split(",") if c.strip()]:
         observed, calib_s = None, 0.0
-        for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
+        names = [c.strip() for c in args.configs.split(",") if c.strip()]
+        configs = {name: _config(name, args) for name in names}
+        guard = max(c.guard_samples for c in configs.values())  # recorded once, for every config
+        for name, cfg in configs.items():
             if name == "rtn" and rtn_ppl:
                 continue  # no calibration: the same model for every source
-            block = {"refine_iters": args.refine_iters, "refine_batch": args.refine_batch} if "block" in name else {}
-            cfg = AWQConfig.of(bits=args.bits, group_size=args.group_size, **CONFIGS[name], **block)
             t0 = time.perf_counter()
             if observed is None and cfg.needs_calibration:
-                observed = prepare(gm, cfg.with_(method="awq"))
+                observed = prepare(gm, cfg.with_(method="awq", guard_samples=guard))
                 calibrate(observed, assets.calibration_samples(tok, args.samples, args.seq_len, source=calib),
                           progress=False)
                 calib_s = time.perf_counter() - t0
@@ -68,11 +81,21 @@ def run(args: argparse.Namespace) -> dict:
             search_s = time.perf_counter() - t0
             qgm = convert(gm, plan)
             ppl = {t: perplexity(qgm, w, progress=False) for t, w in wins.items()}
+            checked = [r for r in plan.group_gains() if r["held_gain"] is not None]
             del qgm, plan
             if name == "rtn":
                 rtn_ppl = ppl
             row = {"calib": "-" if name == "rtn" else calib, "config": name, "ppl": ppl,
                    "calib_s": calib_s if cfg.needs_calibration else 0.0, "search_s": search_s}
+            if cfg.guard_samples:
+                row["guard"] = {"checked": len(checked), "rejected": [r["name"] for r in checked if r["rejected"]],
+                                "held_gains": [r["held_gain"] for r in checked]}
+                kept = sorted(r["held_gain"] for r in checked if not r["rejected"])
+                msg = (f"  guard: {len(checked)} scaled groups checked, {len(row['guard']['rejected'])} left unscaled "
+                       f"{row['guard']['rejected']}")
+                if kept:
+                    msg += f"; held-out gain of the kept: min {kept[0]:.1%}, median {kept[len(kept) // 2]:.1%}"
+                print(msg, flush=True)
             if rtn_ppl and name != "rtn":
                 row["recovery"] = {t: gap_recovered(fp[t], rtn_ppl[t], ppl[t]) for t in texts}
             rows.append(row)
@@ -110,6 +133,8 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--refine-iters", type=int, default=None, help="awq+block: steps per block (default awqfx's)")
     p.add_argument("--refine-batch", type=int, default=None, help="awq+block: sequences per step (default awqfx's)")
+    p.add_argument("--guard-samples", type=int, default=4,
+                   help="awq+guard: calibration sequences held back for the per-group guard (default 4)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     unknown = [c for c in args.configs.split(",") if c.strip() and c.strip() not in CONFIGS]

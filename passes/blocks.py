@@ -32,7 +32,8 @@ import torch.nn as nn
 from awqfx.graph import fetch_attr
 from awqfx.groups import ScaleGroup
 
-__all__ = ["Block", "BlockSplitError", "split_blocks", "block_module", "whole_block", "needed_after"]
+__all__ = ["Block", "BlockSplitError", "split_blocks", "block_module", "whole_block", "needed_after", "block_args",
+           "after_block"]
 
 
 class BlockSplitError(ValueError):
@@ -171,6 +172,18 @@ def needed_after(blocks: list[Block]) -> list[set[str]]:
         out[k] = set(later)
         later |= set(blocks[k].inputs)
     return out
+
+
+def block_args(block: Block, values: dict[str, Any], device: torch.device | None = None) -> tuple:
+    """The arguments of ``block``'s module from one batch's boundary values (tensors moved to ``device``)."""
+    return tuple(values[n].to(device) if device is not None and isinstance(values[n], torch.Tensor) else values[n]
+                 for n in block.inputs)
+
+
+def after_block(block: Block, values: dict[str, Any], outputs: tuple, keep: set[str]) -> dict[str, Any]:
+    """One batch's boundary values after ``block``: the ones before it in ``keep`` (later blocks read
+    them) and its ``outputs``."""
+    return {**{k: v for k, v in values.items() if k in keep}, **dict(zip(block.outputs, outputs))}
 
 
 def _on_device(x: Any, device: torch.device) -> Any:

@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-# The int4 layers' kernel choice is timed on the running machine (awqfx.kernel_choice); tests
-# pin it to the int4 kernel so every run takes the same path. Tests of the choice set it themselves.
+# The int4 and W8A8 layers' kernel choice is timed on the running machine (awqfx.kernel_choice);
+# tests pin it to the integer kernels so every run takes the same path. Tests of the choice set it themselves.
 os.environ.setdefault("AWQFX_DENSE_FROM", "never")
 
 

@@ -41,7 +41,7 @@ if os.environ.get("AWQFX_TEST_FAIL_RANK") == RANK:
 if os.environ.get("AWQFX_TEST_TRACE"):
     calls = Counter()
     for mod, fn in [(calibrate, "_record_sample"), (driver, "search_clip"), (scales, "candidate_weight"),
-                    (sequential, "_next_values")]:
+                    (sequential, "after_block")]:
         _count_calls(calls, mod, fn)
     atexit.register(lambda: (Path(os.environ["AWQFX_TEST_TRACE"]) / f"rank{RANK}.json").write_text(json.dumps(calls)))
 

@@ -83,7 +83,7 @@ def test_two_gloo_ranks_block_by_block_write_the_tensors_of_one_process(tiny, on
     # the embeddings and the first layer feed the next block: rank 0 runs them on batches 0-1 (its
     # share), rank 1 on batch 2 (its share) and batch 0 (the loss sample); one process runs all 3
     ranks = [json.loads((trace / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [t["_next_values"] for t in ranks] == [4, 4]
+    assert [t["after_block"] for t in ranks] == [4, 4]
 
 
 def test_a_failing_rank_fails_the_run_with_its_message_and_no_output(tiny):

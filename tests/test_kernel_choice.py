@@ -88,6 +88,22 @@ def test_the_timed_choice_is_cached_per_machine(monkeypatch, tmp_path):
     assert kernel_choice.choice(32, 64, 32) == first and len(calls) == 1
 
 
+def test_the_int8_choice_is_timed_and_cached_apart_from_the_int4_one(monkeypatch, tmp_path):
+    monkeypatch.setenv(kernel_choice.ENV_DENSE_FROM, "measure")
+    monkeypatch.setenv("AWQFX_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernel_choice, "_memory", {})
+    real = kernel_choice.measure_int8
+    monkeypatch.setattr(kernel_choice, "measure_int8", lambda *a: real(*a, ladder=(1, 16), repeats=1))
+    found = kernel_choice.choice(32, 64, -1, kind="int8")
+    assert set(found.timings) == {"int8", "float32"} and found.ladder == (1, 16)
+    assert all(len(t) == 2 and min(t) > 0 for t in found.timings.values())
+    wins = [found.timings["float32"][i] < found.timings["int8"][i] for i in range(2)]
+    assert found.dense_from == (1 if all(wins) else 16 if wins[1] else None)
+    assert json.loads(kernel_choice.cache_file().read_text())["int8:32x64g-1"]["dense_from"] == found.dense_from
+    with pytest.raises(ValueError, match="kernel kind must be one of int4, int8"):
+        kernel_choice.choice(32, 64, -1, kind="int2")
+
+
 @pytest.mark.real
 def test_the_kernel_choice_changes_logits_no_more_than_the_int4_kernel_does(real_model, monkeypatch):
     """SmolLM2 packed at w4 g64 on the int4 kernels, run on the prompt and the 32 tokens it

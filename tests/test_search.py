@@ -115,6 +115,48 @@ def test_search_picks_the_argmin_of_independently_computed_losses(relu):
     assert losses[best] < 0.5 * losses[0]  # measured 0.46 (gram-form), 0.41 (graph-region)
 
 
+@pytest.mark.parametrize("relu", [True, False], ids=["gram-form", "graph-region"])
+@pytest.mark.parametrize("outliers_held_out", [False, True], ids=["like-the-search", "without-the-outliers"])
+def test_guard_keeps_a_scale_only_where_it_lowers_the_held_out_region_loss(relu, outliers_held_out):
+    """The guard's 4 sequences follow the 8 of the loss sample. Held-back inputs like the search's:
+    the searched scale lowers their region loss too and stays. Held-back inputs orthogonal to fc1's
+    outlier rows (no outlier channels): the scale that protects those channels raises the loss
+    there (measured 1.6x and 14x RTN's), so the group is left unscaled. Both held-out losses are
+    recomputed here from the data; the search's own losses are those of the unguarded search."""
+    m = _OutlierMLP(relu).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 8, 16, generator=gen)
+    held = torch.randn(4, 8, 16, generator=gen)
+    if outliers_held_out:
+        w4 = m.fc1.weight[:4].detach()
+        held = held @ (torch.eye(16) - w4.t() @ torch.linalg.solve(w4 @ w4.t(), w4))
+    gm = awqfx.capture(m, example_inputs=(x[:2],))
+    plans = {}
+    for guard in (0, 4):
+        cfg = AWQConfig.of(bits=3, group_size=16, n_grid=10, clip="none", loss_samples=8, batch_size=8,
+                           calib_dtype=None, search_dtype=None, guard_samples=guard)
+        obs = prepare(gm, cfg)
+        calibrate(obs, [torch.cat([x, held])], progress=False)
+        plans[guard] = search(obs, cfg, progress=False)
+    (free,), (guarded,) = plans[0].groups, plans[4].groups
+    assert guarded.info["losses"] == free.info["losses"] and free.info["choice"] != "identity"
+    assert plans[4].metadata["guard_sample"] == {"x": [4, 8, 16]} and "held_loss" not in free.info
+    with torch.no_grad():
+        h = m.fc1(held).reshape(-1, 32)
+        w, head = m.fc2.weight, (None if relu else m.head.weight)
+        spec, s = AWQConfig.of(bits=3, group_size=16).spec, free.scale
+        ref = (_region_loss(h, w, fake_quantize(w, spec), head), _region_loss(h, w, fake_quantize(w * s, spec) / s, head))
+    assert (guarded.info["held_loss_identity"], guarded.info["held_loss"]) == pytest.approx(ref, rel=1e-3)
+    if outliers_held_out:
+        assert ref[1] > ref[0] and guarded.info["guard_rejected"] == free.info["choice"]
+        assert guarded.info["choice"] == "identity" and torch.equal(guarded.scale, torch.ones(32))
+        (row,) = plans[4].group_gains()
+        assert row["rejected"] == free.info["choice"] and row["held_gain"] < 0 < row["gain"]
+    else:
+        assert ref[1] < ref[0] and guarded.info["guard_rejected"] is None
+        assert guarded.info["choice"] == free.info["choice"] and torch.equal(guarded.scale, free.scale)
+
+
 def test_awq_beats_rtn_on_a_model_with_outlier_channels():
     """Tiny llama with 10x norm weights on 4 channels: AWQ must cut the norm groups' region losses
     and the logits' error well below RTN's (measured: losses 0.44-0.55 of RTN's, logits 0.68)."""

@@ -111,21 +111,28 @@ def test_a_tied_embedding_is_written_under_the_name_whole_graph_mode_uses(tmp_pa
     assert torch.equal(seq["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])
 
 
-@pytest.mark.parametrize("loss_samples", [2, 6])
+@pytest.mark.parametrize("loss_samples, guard", [(2, 0), (6, 0), (2, 3)])
 def test_a_loss_sample_that_ends_inside_a_batch_writes_what_the_whole_graph_mode_writes(llama_dir, tmp_path,
-                                                                                        loss_samples):
+                                                                                        loss_samples, guard):
     """The batch size crosses into a layer block as a value of its own; the block reads it from its
     tensors instead, so the search replays a loss sample of 6 rows in chunks of 4 and 2 (of 2 rows,
-    one chunk of 2) as the whole graph does."""
-    cfg = CFG.with_(loss_samples=loss_samples, batch_size=4)
+    one chunk of 2) as the whole graph does; the guard's 3 held-back rows (sequences 2-4 of the
+    reordered calibration, across the batch boundary) are the same in both modes, and so are the
+    groups it checks and turns down."""
+    cfg = CFG.with_(loss_samples=loss_samples, batch_size=4, guard_samples=guard)
     calib = calib_ids(8, 16)
     plan, _ = quantize_sequential(open_sequential(llama_dir), calib, cfg, tmp_path / "seq", progress=False)
     model = build("llama")
-    save_quantized(apply_plan(model, _whole(model, calib, cfg), weights="packed"), tmp_path / "whole")
+    whole = _whole(model, calib, cfg)
+    save_quantized(apply_plan(model, whole, weights="packed"), tmp_path / "whole")
     seq, ref = saved_tensors(tmp_path / "seq"), saved_tensors(tmp_path / "whole")
     assert seq.keys() == ref.keys()
     assert all(torch.equal(seq[k], ref[k]) for k in ref)
     assert plan.config["runtime"]["loss_samples"] == loss_samples
+    checked = {g.name: g.info.get("guard_rejected", "unchecked") for g in plan.groups}
+    assert checked == {g.name: g.info.get("guard_rejected", "unchecked") for g in whole.groups}
+    if guard:
+        assert sum(v != "unchecked" for v in checked.values()) >= 4
 
 
 def test_a_format_written_from_the_whole_model_is_refused_block_by_block(llama_dir, tmp_path):

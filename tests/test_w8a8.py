@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from tiny_models import build, calib_ids, save_model_dir, token_ids
 
 import awqfx
+from awqfx import kernel_choice
 from awqfx.act_quant import fake_quantize_activation, quantize_activation
 from awqfx.api import AWQConfig, calibrate, convert, prepare, search
 from awqfx.app.cli import main
@@ -149,6 +150,27 @@ def test_int8_linear_multiplies_the_plans_integers(spec, act):
     # the kernel really multiplies quantized activations: float inputs give another result
     assert not torch.allclose(m(x), F.linear(x, qw.dequantize(), b), rtol=1e-4, atol=1e-4)
     assert m.half().weight_scale.dtype == torch.float32
+
+
+@pytest.mark.parametrize("spec, act", [(QuantSpec(8, -1, True), ActSpec(8)),
+                                       (QuantSpec(4, 24, False), ActSpec(8, "per-tensor"))],
+                         ids=["w8a8", "w4g24asym-a8tensor"])
+def test_the_float_path_multiplies_the_same_integers_from_its_threshold_on(spec, act, monkeypatch):
+    """``AWQFX_DENSE_FROM=10``: inputs of 10 rows or more multiply the codes in float32, fewer take
+    ``torch._int_mm``; both give ``F.linear(Q(x), dequantized W)`` (float32 summation order apart)."""
+    w, b = torch.randn(40, 56), torch.randn(40)
+    qw = quantize_weight(w, spec)
+    m = Int8Linear.from_quantized(qw, act, b)
+    x = torch.randn(3, 9, 56)
+    ref = F.linear(fake_quantize_activation(x, act), qw.dequantize(), b)
+    int_only, int_first = m(x), m(x[:1])
+    monkeypatch.setenv(kernel_choice.ENV_DENSE_FROM, "10")
+    m._dense_from = None  # choose again under the new setting
+    assert m.dense_from == 10
+    assert torch.equal(m(x[:1]), int_first)  # 9 rows: the integer kernel, bit for bit
+    dense = m(x)  # 27 rows: the float path
+    assert not torch.equal(dense, int_only)  # it really ran
+    torch.testing.assert_close(dense, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_int8_graph_reexports_and_saves_as_pt2(planned, tmp_path):

@@ -5,7 +5,8 @@ attention) in bf16 (fp16 when the checkpoint is fp16), and in fp32 (the fast flo
 without bf16 arithmetic). The packed rows come from a round-to-nearest plan: packing and kernels do
 not depend on how the scales were searched, and an AWQ search would only cost minutes here. With
 ``act`` (``--act-bits``) the packed rows are weight-activation ones (``Int8Linear``: the input
-quantized per token at run time, ``torch._int_mm``), weights symmetric.
+quantized per token at run time, ``torch._int_mm`` or, from the input length where that is faster on
+this CPU, the same integers multiplied in float32), weights symmetric.
 
 Figures: on-disk size (safetensors), resident bytes (parameters and buffers), the packed layers'
 bytes against the same layers in bf16, prefill tokens/s (one forward over a random prompt, per
@@ -34,6 +35,7 @@ from awqfx.apply import apply_plan
 from awqfx.capture import capture
 from awqfx.config import ActSpec, AWQConfig
 from awqfx.formats import save_quantized
+from awqfx.int8_linear import int8_modules
 from awqfx.packed_model import fp_weight_bytes, packed_modules, packed_weight_bytes
 from awqfx.quant import QuantSpec
 
@@ -117,14 +119,18 @@ def packed_rest_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def kernel_choices(model: nn.Module) -> dict[str, str]:
-    """``{"NxKgG": "int4 kernel" | "dense float32 from T tokens"}`` for the model's int4 layers."""
+    """``{"int4 NxKgG": "int4 kernel" | "dense float32 from T tokens"}`` for the model's int4 layers,
+    ``{"int8 NxKgG": "torch._int_mm" | "float32 from T tokens"}`` for its W8A8 layers."""
     out = {}
     for m in packed_modules(model).values():
         if m.active_backend != "int4pack":
             continue
-        key = f"{m.out_features}x{m.in_features}g{m.group_size}"
+        key = f"int4 {m.out_features}x{m.in_features}g{m.group_size}"
         dtype = str(m._dense_dtype).removeprefix("torch.")
         out[key] = f"dense {dtype} from {m._dense_from} tokens" if m._dense_from else "int4 kernel"
+    for m in int8_modules(model).values():
+        key = f"int8 {m.out_features}x{m.in_features}g{m.group_size}"
+        out[key] = f"float32 from {m.dense_from} tokens" if m.dense_from else "torch._int_mm"
     return out
 
 
@@ -190,5 +196,5 @@ def format_bench(res: dict[str, Any]) -> str:
                      + "".join(f"{c:>15}" for c in cells))
     kernels = next((r["kernels"] for r in res["rows"] if r["kernels"]), {})
     if kernels:
-        lines.append("int4 layers: " + "; ".join(f"{k}: {v}" for k, v in kernels.items()))
+        lines.append("kernels: " + "; ".join(f"{k}: {v}" for k, v in kernels.items()))
     return "\n".join(lines)

@@ -14,7 +14,7 @@ running anything. Parts, in bytes:
   boundary (one batch with ``--offload-dir``);
 - ``activations``: three times the largest node output of one calibration batch, plus one
   ``[batch, heads, L, L]`` float32 score tensor per attention op (its unfused worst case) -- or
-  the same measure over the search's replay of ``loss_samples`` sequences, if larger (the two
+  the same measure over the search's replay of ``loss_samples`` sequences (the loss sample and the guard's), if larger (the two
   are not held together). Block-by-block mode counts only the blocks it runs (not the head
   after the last quantized block).
 

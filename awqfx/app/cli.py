@@ -27,10 +27,11 @@ from awqfx.app.mappings import llm_compressor_mappings
 from awqfx.app.render import write_graph
 from awqfx.checkpoint import CheckpointError
 from awqfx.config import ACT_GRANULARITIES, ACT_MODE_WEIGHTS, ActSpec, AWQConfig, ConfigError, Refine
-from awqfx.formats import FormatError
+from awqfx.formats import PLAN_SUBDIR, FormatError
 from awqfx.gguf_blocks import GGUF_TYPES
 from awqfx.passes.blocks import BlockSplitError
 from awqfx.passes.discover import discover
+from awqfx.plan import AWQPlan
 from awqfx.quant import QuantSpec
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -78,7 +79,41 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _plan_dir(path: str) -> Path:
+    """The plan directory ``path`` names: itself, or the ``awq_plan/`` of a quantized output."""
+    for d in (Path(path), Path(path) / PLAN_SUBDIR):
+        if (d / "plan.json").is_file():
+            return d
+    raise UsageError(f"--plan {path}: no plan.json there or in {Path(path) / PLAN_SUBDIR} (pass an awqfx quantize "
+                     "output directory or a saved plan directory)")
+
+
+def _inspect_plan(path: str, as_json: bool) -> int:
+    """Each searched group of a saved plan: its choice and gains (search sample, guard's held-back sample)."""
+    plan = AWQPlan.load(_plan_dir(path))
+    gains = plan.group_gains()
+    if as_json:
+        print(json.dumps({"groups": gains, "guard_samples": (plan.config.get("scales") or {}).get("guard_samples", 0)},
+                         indent=2))
+        return EXIT_OK
+
+    def pct(v):
+        return "-" if v is None else f"{v:+.1%}"
+
+    rows = [[r["name"], r["choice"], pct(r["gain"]), pct(r["held_gain"]),
+             f"kept s = 1, not {r['rejected']}" if r["rejected"] else ""] for r in gains]
+    print(f"{len(gains)} searched scale groups in {path}; gain = share of the region's round-to-nearest output error "
+          "the searched scale removes\n")
+    if rows:
+        print(_table(rows, ["group", "choice", "gain (search)", "gain (held out)", "guard"]))
+    return EXIT_OK
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.plan:
+        if args.model or args.mappings or args.graph:
+            raise UsageError("--plan shows a saved plan: give no MODEL, --mappings or --graph with it")
+        return _inspect_plan(args.plan, args.json)
     t0 = time.perf_counter()
     model = _load_for_inspect(args.model)
     gm = awqfx.capture(model)
@@ -133,7 +168,7 @@ def _search_kwargs(args: argparse.Namespace) -> dict:
     w = _weight_flags(args)
     return dict(symmetric=w["symmetric"], scale_form=args.scale_form, clip=w["clip"], clip_grid=args.clip_grid,
                 clip_rounds=args.clip_rounds, clip_skip_qk=not args.clip_qk,
-                n_grid=args.n_grid, loss_samples=args.loss_samples, propagate=args.propagate,
+                n_grid=args.n_grid, loss_samples=args.loss_samples, guard_samples=args.guard_samples, propagate=args.propagate,
                 refine=args.refine, refine_damp=args.refine_damp, refine_act_order=args.refine_act_order,
                 refine_iters=args.refine_iters, refine_lr=args.refine_lr, refine_batch=args.refine_batch,
                 calib_dtype=dtype, search_dtype=dtype, **_act_kwargs(args), **_target_kwargs(args))
@@ -341,6 +376,10 @@ def _quant_flags(p: argparse.ArgumentParser, group_size: int, multi_bits: bool =
     s.add_argument("--n-grid", type=int, default=d.n_grid, help=f"grid points for the scale exponent (default {d.n_grid})")
     s.add_argument("--loss-samples", type=int, default=d.loss_samples,
                    help=f"calibration sequences kept for the search losses (default {d.loss_samples})")
+    s.add_argument("--guard-samples", type=int, default=d.guard_samples,
+                   help="calibration sequences held back from the search, on which each group's chosen scale must "
+                        "lower its region's output error against no scale, or the group stays unscaled; 0: no "
+                        f"guard (default {d.guard_samples})")
     r = Refine()
     s.add_argument("--refine", choices=["none", "gptq", "block"], default="none",
                    help="round the searched weights again: gptq (error-feedback rounding on the grid the searches "
@@ -453,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "with the op that blocks it. A model directory is inspected without loading weights.")
     _model_arg(p)
     p.add_argument("--json", action="store_true", help="print the groups and rejections as JSON")
+    p.add_argument("--plan", metavar="DIR",
+                   help="instead of discovering, show the searched groups of a saved plan (an awqfx quantize output "
+                        "directory or its awq_plan/): each group's choice, the share of its round-to-nearest error the "
+                        "scale removes on the search sample and on the guard's held-back sample (--guard-samples), "
+                        "and the groups the guard left unscaled")
     p.add_argument("--graph", metavar="FILE", help="draw the graph with scalable edges highlighted (.svg or .html)")
     p.add_argument("--mappings", choices=MAPPING_FORMATS,
                    help="print the groups as llm-compressor AWQMapping entries (re: patterns collapsed across "

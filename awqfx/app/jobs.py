@@ -295,7 +295,7 @@ def _quantize_whole(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fmt
     fp_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     est = budget.estimate_memory(gm, samples=samples if calib is not None else 0, seq_len=seq_len,
                                  batch_size=cfg.runtime.batch_size,
-                                 loss_samples=cfg.runtime.loss_samples if calib is not None else 0,
+                                 loss_samples=cfg.recorded_samples if calib is not None else 0,
                                  weight_bytes=fp_bytes)
     budget.check_fits(est, cfg.runtime.device, "lower --seq-len or --samples, or quantize block by block (--sequential)")
     rep.facts["memory estimate"] = f"{est.total / 2**30:.2f} GiB ({est.describe()})"
@@ -329,6 +329,16 @@ def _describe_weights(rep: Report, plan, cfg: AWQConfig) -> None:
     rep.facts["quantized weights"] = f"{len(plan.weights)} ({cfg.weights.bits}-bit, group {cfg.weights.group_size}, " \
                                      f"{'symmetric' if cfg.weights.symmetric else 'asymmetric'}" + \
                                      (f"; {refined} rounded by {cfg.refine.method})" if cfg.refine else ")")
+    gains = [r for r in plan.group_gains() if r["held_gain"] is not None]
+    if cfg.guard_samples and plan.groups:
+        rejected = [r["name"] for r in gains if r["rejected"]]
+        kept = [r["held_gain"] for r in gains if not r["rejected"]]
+        rep.facts["scale guard"] = (
+            f"{len(gains)} scaled groups checked on {cfg.guard_samples} held-back sequences; "
+            + (f"kept {len(kept)} (median held-out gain {statistics.median(kept):.1%} of the round-to-nearest error)"
+               if kept else "kept none")
+            + (f"; {len(rejected)} left unscaled (no held-out gain): {', '.join(rejected[:4])}"
+               + (" ..." if len(rejected) > 4 else "") if rejected else "; none left unscaled"))
     blocks = plan.metadata.get("refine_blocks")
     if blocks:
         ratios = [b["loss_final"] / b["loss_start"] for b in blocks if b["loss_start"] > 0]
@@ -359,7 +369,7 @@ def _quantize_blocks(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fm
     last = max(i for i, q in enumerate(is_quantized) if q) if any(is_quantized) else -1
     est = budget.estimate_memory(sm.gm, samples=samples if cfg.needs_calibration else 0, seq_len=seq_len,
                                  batch_size=cfg.runtime.batch_size,
-                                 loss_samples=cfg.runtime.loss_samples if cfg.needs_calibration else 0,
+                                 loss_samples=cfg.recorded_samples,
                                  weight_bytes=sum(sizes), blocks=sm.blocks[: last + 1],
                                  block_bytes=[s for s, q in zip(sizes, is_quantized) if q],
                                  outside_bytes=max((s for s, q in zip(sizes, is_quantized) if not q), default=0),

@@ -37,7 +37,16 @@ from tqdm.auto import tqdm
 from awqfx.config import Refine
 from awqfx.groups import ScaleGroup
 from awqfx.params import fake_quantize_param, from_rows, get_param, rows_view
-from awqfx.passes.blocks import Block, BlockSplitError, block_module, needed_after, split_blocks, whole_block
+from awqfx.passes.blocks import (
+    Block,
+    BlockSplitError,
+    after_block,
+    block_args,
+    block_module,
+    needed_after,
+    split_blocks,
+    whole_block,
+)
 from awqfx.plan import WeightPlan
 from awqfx.quant import SCALE_EPS, QuantSpec, compute_qparams, group_bounds
 from awqfx.search.clip import clip_centre, group_minmax, shrink_toward
@@ -177,15 +186,6 @@ def _mse(outs: tuple, refs: tuple, reached: list[bool]) -> torch.Tensor:
     return torch.stack(errs).sum()
 
 
-def _args(values: dict[str, Any], names: list[str]) -> tuple:
-    return tuple(values[n] for n in names)
-
-
-def _advance(values: list[dict[str, Any]], block: Block, outs: list[tuple], keep: set[str]) -> list[dict[str, Any]]:
-    return [{**{k: v for k, v in vals.items() if k in keep}, **dict(zip(block.outputs, o))}
-            for vals, o in zip(values, outs)]
-
-
 def _train(bgm: fx.GraphModule, block: Block, rounds: list[_Rounding], q_in: list[dict], refs: list[tuple],
            refine: Refine) -> dict[str, Any]:
     """Learn ``rounds`` on the block; returns the block's losses (the module doc)."""
@@ -194,7 +194,7 @@ def _train(bgm: fx.GraphModule, block: Block, rounds: list[_Rounding], q_in: lis
     def loss_on(c: int, grad: bool) -> torch.Tensor:
         with torch.set_grad_enabled(grad):
             subs = {r.name: r.fake() for r in rounds}
-            return _mse(functional_call(bgm, subs, _args(q_in[c], block.inputs)), refs[c], reached)
+            return _mse(functional_call(bgm, subs, block_args(block, q_in[c])), refs[c], reached)
 
     def total() -> float:
         return sum(float(loss_on(c, False)) for c in range(len(q_in))) / len(q_in)
@@ -252,7 +252,7 @@ def refine_blocks(gm: fx.GraphModule, groups: list[ScaleGroup], weights: dict[st
         for p in bgm.parameters():
             p.requires_grad_(False)
         with torch.no_grad():
-            refs = [tuple(bgm(*_args(v, block.inputs))) for v in fp_vals]
+            refs = [tuple(bgm(*block_args(block, v))) for v in fp_vals]
         todo = [w for w in block.params if w in names]
         q_out = refs
         if todo:
@@ -269,14 +269,14 @@ def refine_blocks(gm: fx.GraphModule, groups: list[ScaleGroup], weights: dict[st
             final = {w: fake_quantize_param(get_param(gm, w), weights[w].in_dim, weights[w].spec, weights[w].max_val,
                                             weights[w].min_val, weights[w].codes) for w in todo}
             with torch.no_grad():
-                q_out = [tuple(functional_call(bgm, final, _args(v, block.inputs))) for v in q_vals or fp_vals]
+                q_out = [tuple(functional_call(bgm, final, block_args(block, v))) for v in q_vals or fp_vals]
         elif q_vals is not None:
             with torch.no_grad():
-                q_out = [tuple(bgm(*_args(v, block.inputs))) for v in q_vals]
+                q_out = [tuple(bgm(*block_args(block, v))) for v in q_vals]
         keep = keep_after[block.index]
         if q_vals is not None or todo:
-            q_vals = _advance(q_vals or fp_vals, block, q_out, keep)
-        fp_vals = _advance(fp_vals, block, refs, keep)
+            q_vals = [after_block(block, v, o, keep) for v, o in zip(q_vals or fp_vals, q_out)]
+        fp_vals = [after_block(block, v, o, keep) for v, o in zip(fp_vals, refs)]
         del bgm, refs, q_out
     bar.close()
     return records

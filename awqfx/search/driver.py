@@ -1,8 +1,9 @@
 """The AWQ search driver: per-group scales on region losses, then per-(row, group) clip ranges.
 
 One loop over the scheduled tasks (:mod:`awqfx.search.schedule`) on a private working copy of
-the graph: a scale task searches one group's scale (:mod:`awqfx.search.scales`) and folds the
-best into the working copy; a weight task searches a weight's clip ranges
+the graph: a scale task searches one group's scale (:mod:`awqfx.search.scales`), checks it on
+the guard's held-back sequences when ``guard_samples`` asks for them (replayed beside the loss
+sample, never searched on) and folds the best into the working copy; a weight task searches a weight's clip ranges
 (:mod:`awqfx.search.clip`), rounds it by GPTQ on that grid when the config refines
 (:mod:`awqfx.search.gptq`, against the Gram of every loss-sample token the linear reads) and,
 with ``propagate="quant"``, quantizes it there. The loss sample
@@ -48,7 +49,7 @@ from awqfx.plan import AWQPlan, GroupPlan, WeightPlan
 from awqfx.search.block_rounding import refine_blocks
 from awqfx.search.clip import absolute_clip, input_gram, search_clip
 from awqfx.search.gptq import gptq_codes
-from awqfx.search.replay import Replay, chunk_sample, loss_sample
+from awqfx.search.replay import Replay, chunk_sample, held_sample, loss_sample
 from awqfx.search.scales import search_group
 from awqfx.search.schedule import schedule_tasks
 from awqfx.search.smoothquant import smoothquant_plan
@@ -187,7 +188,10 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     if quant_inputs is not None and set(quant_inputs) != set(sample):
         raise ValueError(f"quant_inputs must hold the graph inputs {sorted(sample)}, got {sorted(quant_inputs)}")
     chunks = chunk_sample(sample, cfg.runtime.batch_size, device, observed.unbatched_inputs())
-    stream = Replay(work, chunks, sched.needed_until, sched.last_change,
+    held = held_sample(observed, cfg.runtime.loss_samples, cfg.guard_samples)  # the guard's, after the loss sample
+    held_chunks = [] if held is None else chunk_sample(held, cfg.runtime.batch_size, device, observed.unbatched_inputs())
+    n_loss = len(chunks)  # the replay's envs: the loss sample's chunks, then the held-back ones
+    stream = Replay(work, chunks + held_chunks, sched.needed_until, sched.last_change,
                     sched.last_use)
     scale_of: dict[int, torch.Tensor] = {}
     infos: dict[int, dict] = {}
@@ -205,8 +209,8 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
                 stream.pinned = set(reg.env_nodes)
                 stream.ensure(reg.env_nodes)
                 params = {t: fetch_attr(work, t) for t in reg.attrs}
-                scale_of[what], infos[what] = search_group(observed, work, reg, g, params, stream.envs, cfg, device,
-                                                           quantizers)
+                scale_of[what], infos[what] = search_group(observed, work, reg, g, params, stream.envs[:n_loss], cfg,
+                                                           device, quantizers, held_envs=stream.envs[n_loss:])
                 if infos[what]["choice"] != "identity":
                     fold_scales(work, [g], [scale_of[what]])
                     stream.invalidate(_changed_by_fold(g, input_attrs))
@@ -215,7 +219,7 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
                 w, in_dim = what, weights[what].in_dim
                 if w in searched and distributed.owns(clip_turn[w]):
                     stream.pinned = {data_node[w]}
-                    values = stream.values(data_node[w])
+                    values = stream.values(data_node[w])[:n_loss]
                     wr = rows_view(get_param(work, w).detach(), in_dim).float()
                     if w in clip_set:
                         x, xq = _clip_tokens(values, weights[w].act, clip.tokens)
@@ -290,6 +294,7 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
         "timings": timings,
         "calibration": dict(observed.calibration),
         "loss_sample": {k: list(v.shape) for k, v in sample.items() if isinstance(v, torch.Tensor)},
+        "guard_sample": {} if held is None else {k: list(v.shape) for k, v in held.items() if isinstance(v, torch.Tensor)},
         "region_evaluations": sum(len(i["losses"]) for i in infos.values()),
         "replayed_nodes": replayed,
         "device": str(device),

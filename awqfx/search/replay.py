@@ -23,24 +23,47 @@ from awqfx.observed import ObservedGraph
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Replay", "loss_sample", "chunk_sample"]
+__all__ = ["Replay", "loss_sample", "held_sample", "chunk_sample"]
+
+
+def _rows(observed: ObservedGraph, start: int, stop: int) -> dict[str, Any]:
+    """The recorded graph inputs, rows ``start:stop`` of the batched ones (the others whole)."""
+    fixed = observed.unbatched_inputs()
+    return {k: (v[start:stop] if isinstance(v, torch.Tensor) and v.dim() and k not in fixed else v)
+            for k, v in observed.loss_inputs().items()}
+
+
+def _n_rows(sample: dict[str, Any], fixed: set[str]) -> int | None:
+    first = next((v for k, v in sample.items() if isinstance(v, torch.Tensor) and k not in fixed), None)
+    return None if first is None else int(first.shape[0])
 
 
 def loss_sample(observed: ObservedGraph, loss_samples: int) -> dict[str, Any]:
     """The recorded graph inputs, first ``loss_samples`` rows; warns when fewer were recorded."""
-    fixed = observed.unbatched_inputs()
-    sample = {k: (v[:loss_samples] if isinstance(v, torch.Tensor) and v.dim() and k not in fixed else v)
-              for k, v in observed.loss_inputs().items()}
-    first = next((v for k, v in sample.items() if isinstance(v, torch.Tensor) and k not in fixed), None)
-    if first is None:
+    sample = _rows(observed, 0, loss_samples)
+    n_rows = _n_rows(sample, observed.unbatched_inputs())
+    if n_rows is None:
         raise RuntimeError("no loss sample was recorded (the graph has no tensor inputs?)")
-    n_rows = first.shape[0]
     if n_rows < loss_samples:
         recorded = observed.config.runtime.loss_samples
         why = (f"prepare recorded only {recorded} (its config's loss_samples); pass the larger value to prepare"
                if recorded < loss_samples else f"calibration had only {n_rows} sequences")
         log.warning("search: loss_samples=%d asked for, %d available: %s", loss_samples, n_rows, why)
     return sample
+
+
+def held_sample(observed: ObservedGraph, loss_samples: int, held: int) -> dict[str, Any] | None:
+    """The ``held`` recorded rows after the loss sample (the guard's, held back from the search),
+    or None when ``held`` is 0; warns when fewer were recorded, None when none were."""
+    if held <= 0:
+        return None
+    sample = _rows(observed, loss_samples, loss_samples + held)
+    n_rows = _n_rows(sample, observed.unbatched_inputs()) or 0
+    if n_rows < held:
+        log.warning("search: guard_samples=%d asked for, %d recorded after the %d loss sequences (prepare records "
+                    "loss_samples + guard_samples of its config; calibration may have had fewer)%s", held, n_rows,
+                    loss_samples, ": no guard" if n_rows == 0 else "")
+    return sample if n_rows > 0 else None
 
 
 def chunk_sample(sample: dict[str, Any], batch_size: int, device: torch.device,

@@ -28,7 +28,7 @@ from awqfx.passes.act_quantizers import ActQuantizer, quantizing
 from awqfx.passes.region import Region
 from awqfx.quant import QuantSpec, fake_quantize, group_bounds
 
-__all__ = ["search_group", "candidates", "channel_x_mean", "channel_w_mean", "candidate_weight"]
+__all__ = ["search_group", "region_losses", "candidates", "channel_x_mean", "channel_w_mean", "candidate_weight"]
 
 
 def channel_x_mean(observed: ObservedGraph, g: ScaleGroup) -> torch.Tensor:
@@ -200,27 +200,45 @@ def _gram_is_cheaper(c, data: fx.Node, params: dict, envs: list[dict]) -> bool:
     return tokens > params[c.weight].shape[c.in_dim]
 
 
+def region_losses(work: fx.GraphModule, reg: Region, g: ScaleGroup, params: dict, envs: list[dict], cands,
+                  spec: QuantSpec, device, quantizers: dict[str, ActQuantizer]) -> list[float]:
+    """Each candidate's region loss on ``envs``: in closed form from the input Gram when the region
+    is one linear and that is cheaper, else by running the region."""
+    lone = single_linear(work, reg, g)
+    if lone is not None and _gram_is_cheaper(lone[0], lone[1], params, envs):
+        return _gram_losses(lone[0], lone[1], params, envs, cands, spec, device)
+    return _losses(reg, g, params, envs, cands, spec, device, quantizers)
+
+
 def search_group(observed: ObservedGraph, work: fx.GraphModule, reg: Region, g: ScaleGroup, params: dict,
                  envs: list[dict], cfg: AWQConfig, device,
-                 quantizers: dict[str, ActQuantizer] | None = None) -> tuple[torch.Tensor, dict]:
+                 quantizers: dict[str, ActQuantizer] | None = None,
+                 held_envs: list[dict] | None = None) -> tuple[torch.Tensor, dict]:
     """The best full scale of group ``g`` on the loss sample (``envs``: the replay's values of the
     region inputs) and what was tried: ``(scale, info)``. ``quantizers``: the working graph's
-    activation quantizers by linear node name (weight-activation mode)."""
+    activation quantizers by linear node name (weight-activation mode). ``held_envs``: the same
+    values on the guard's held-back sequences; the chosen scale is kept only if it lowers the
+    region loss there against s = 1 (else s = 1, and ``info["guard_rejected"]`` names it);
+    ``info["held_loss"]`` / ``["held_loss_identity"]``: the searched scale's and s = 1's loss there."""
     spec = cfg.spec
+    quantizers = quantizers or {}
     x_mean = channel_x_mean(observed, g)
     w_mean = channel_w_mean(work, g, spec) if cfg.scales.form in ("duo", "both") else None
     cands = candidates(cfg, g, x_mean, w_mean)
-    lone = single_linear(work, reg, g)
-    if lone is not None and _gram_is_cheaper(lone[0], lone[1], params, envs):
-        losses = _gram_losses(lone[0], lone[1], params, envs, cands, spec, device)
-    else:
-        losses = _losses(reg, g, params, envs, cands, spec, device, quantizers or {})
+    losses = region_losses(work, reg, g, params, envs, cands, spec, device, quantizers)
     # s = 1 is always evaluated (the RTN loss); it competes when asked to, and in form "x",
     # whose grid point alpha = 0 it is.
     id_ok = cfg.scales.include_identity or cfg.scales.form in ("x", "both")
     allowed = [i for i, (lab, *_rest) in enumerate(cands) if id_ok or lab != "identity"]
     best = min(allowed, key=lambda i: (losses[i], i))
+    info = {"loss_identity": losses[0], "losses": losses, "candidates": [c[0] for c in cands],
+            "region_nodes": reg.size}
+    if held_envs and best != 0:
+        held = region_losses(work, reg, g, params, held_envs, [cands[0], cands[best]], spec, device, quantizers)
+        info.update(held_loss=held[1], held_loss_identity=held[0], guard_rejected=None)
+        if not held[1] < held[0]:  # the scale does not help on data the search did not see
+            info["guard_rejected"] = cands[best][0]
+            best = 0
     label, form, alpha, s_best = cands[best]
-    info = {"choice": label, "form": form, "alpha": alpha, "loss": losses[best], "loss_identity": losses[0],
-            "losses": losses, "candidates": [c[0] for c in cands], "region_nodes": reg.size}
+    info.update(choice=label, form=form, alpha=alpha, loss=losses[best])
     return s_best, info
