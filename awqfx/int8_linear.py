@@ -16,8 +16,9 @@ layout, held as buffers:
 ``forward`` calls ``torch.ops.awqfx.int8_linear`` under graph capture (a graph that holds the
 module re-exports with ``torch.export`` and saves as ``.pt2``), the same function directly otherwise.
 On the CPU it multiplies the integers in float32 instead of with ``torch._int_mm`` from the input
-length where that is faster, timed per shape on the machine (:mod:`awqfx.kernel_choice`). :func:`pack_int8_model` swaps a module tree's linears
-for them (the module-tree applier's ``weights="packed"`` for a weight-activation plan).
+length where that is faster, timed per shape on the machine (:mod:`awqfx.kernel_choice`).
+:func:`pack_int8_model` swaps a module tree's linears for them (the module-tree applier's
+``weights="packed"`` for a weight-activation plan).
 """
 from __future__ import annotations
 

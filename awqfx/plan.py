@@ -122,9 +122,10 @@ class AWQPlan:
     def summary(self) -> str:
         lines = [f"AWQPlan: {len(self.groups)} scale groups, {len(self.weights)} quantized weights"]
         for r in self.group_gains():
+            gain = "" if r["gain"] is None else f" gain {r['gain']:+.1%}"
             held = "" if r["held_gain"] is None else f", held-out {r['held_gain']:+.1%}"
             guard = f" (guard kept s = 1, not {r['rejected']})" if r["rejected"] else ""
-            lines.append(f"  {r['name']}: {r['choice']} gain {r['gain']:+.1%}{held}{guard}")
+            lines.append(f"  {r['name']}: {r['choice']}{gain}{held}{guard}")
         return "\n".join(lines)
 
     # -- save / load ---------------------------------------------------------------------

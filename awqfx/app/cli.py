@@ -168,7 +168,8 @@ def _search_kwargs(args: argparse.Namespace) -> dict:
     w = _weight_flags(args)
     return dict(symmetric=w["symmetric"], scale_form=args.scale_form, clip=w["clip"], clip_grid=args.clip_grid,
                 clip_rounds=args.clip_rounds, clip_skip_qk=not args.clip_qk,
-                n_grid=args.n_grid, loss_samples=args.loss_samples, guard_samples=args.guard_samples, propagate=args.propagate,
+                n_grid=args.n_grid, loss_samples=args.loss_samples, guard_samples=args.guard_samples,
+                propagate=args.propagate,
                 refine=args.refine, refine_damp=args.refine_damp, refine_act_order=args.refine_act_order,
                 refine_iters=args.refine_iters, refine_lr=args.refine_lr, refine_batch=args.refine_batch,
                 calib_dtype=dtype, search_dtype=dtype, **_act_kwargs(args), **_target_kwargs(args))
