@@ -1,8 +1,9 @@
 """Benchmark: each quality change of issue #16 alone and together, on texts of several domains.
 
     python benchmarks/quality.py [--model MODEL] [--bits 4] [--group-size 64] [--calib plays,mix]
-        [--configs rtn,gptq,awq,awq+gptq,awq+block,awq+guard,awq+guard+block] [--texts plays,prose,licenses] [--samples 128]
-        [--seq-len 512] [--max-windows 16] [--refine-iters N] [--refine-batch N] [--guard-samples N] [--json FILE]
+        [--configs rtn,gptq,awq,awq+gptq,awq+block,awq+guard,awq+guard+block]
+        [--texts plays,prose,licenses] [--samples 128] [--seq-len 512] [--max-windows 16]
+        [--refine-iters N] [--refine-batch N] [--guard-samples N] [--json FILE]
 
 For each calibration source (``--calib``: ``plays``, the old default; ``mix``, the default since
 #16; or a path) the model is captured and calibrated once, then each config is searched on those
@@ -62,11 +63,10 @@ def run(args: argparse.Namespace) -> dict:
     print("fp: " + ", ".join(f"{t} {v:.3f}" for t, v in fp.items()), flush=True)
     rows = []
     rtn_ppl: dict[str, float] = {}
+    configs = {name: _config(name, args) for name in (c.strip() for c in args.configs.split(",")) if name}
+    guard = max(c.guard_samples for c in configs.values())  # recorded once, for every config
     for calib in [c.strip() for c in args.calib.split(",") if c.strip()]:
         observed, calib_s = None, 0.0
-        names = [c.strip() for c in args.configs.split(",") if c.strip()]
-        configs = {name: _config(name, args) for name in names}
-        guard = max(c.guard_samples for c in configs.values())  # recorded once, for every config
         for name, cfg in configs.items():
             if name == "rtn" and rtn_ppl:
                 continue  # no calibration: the same model for every source
