@@ -64,10 +64,20 @@ _BACKENDS = ("auto", "int4pack", "dequant")
 _SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
+def recording() -> bool:
+    """A graph that outlives this call is being recorded (torch.export / FX / TorchScript
+    tracing): the int4 kernel must appear there as the ``awqfx::`` custom op, which chooses its
+    path by the row count at run time. ``torch.compile`` alone knows the row count when it traces
+    (its graphs are guarded on shapes), so ``QuantLinear`` lets it trace the int4 kernel itself:
+    through the custom op, each of a decode step's calls paid Python dispatch inside the
+    compiled step (docs/results.md, "Decode with --compile")."""
+    return torch.compiler.is_exporting() or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.jit.is_tracing()
+
+
 def capturing() -> bool:
     """A graph is being captured (torch.export / torch.compile / FX / TorchScript tracing): the
-    kernels must appear as the ``awqfx::`` custom ops then, not as the ops inside them."""
-    return torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.jit.is_tracing()
+    W8A8 kernel appears as the ``awqfx::`` custom op then, not as the ops inside it."""
+    return recording() or torch.compiler.is_compiling()
 
 
 # module-level hooks (not lambdas) so the module stays picklable
@@ -285,9 +295,11 @@ class QuantLinear(nn.Module):
         if self._active == "int4pack":
             args = (x, self._int4_weight, self._int4_scale_zeros, self.group_size, self.bias, self._dense_from,
                     self._dense_dtype)
-            if capturing():
+            if recording() or (torch.compiler.is_compiling() and 0 < self._dense_from <= x.numel() // x.shape[-1]):
                 return torch.ops.awqfx.int4_linear(*args)
-            return int4_linear_eager(*args)  # same code, without the custom op's dispatch cost
+            # same code without the custom op's dispatch cost (about as much as the int4 kernel in
+            # decode); torch.compile traces through it to the int4 kernel itself
+            return int4_linear_eager(*args)
         return torch.ops.awqfx.dequant_linear(
             x,
             self.qweight,

@@ -283,6 +283,43 @@ def test_export_save_load_roundtrip(tmp_path):
         assert torch.equal(loaded(xb), model(xb))
 
 
+def _called(gm) -> set[str]:
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+
+
+def test_torch_compile_calls_the_int4_kernel_itself_below_the_dense_threshold():
+    """Below a layer's dense threshold a compiled graph calls the int4 kernel directly (the custom
+    op's Python dispatch would run on every call of the compiled step); from it on, the op (its
+    dense path); an exported graph always holds the op. Compiled outputs equal eager ones."""
+    model = _tiny_model()
+    model[0]._dense_from = 8
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(_called(gm))
+        return gm.forward
+
+    compiled = torch.compile(model, backend=record, dynamic=False)
+    with torch.no_grad():
+        for rows in (1, 8):
+            x = _x(rows, 128, seed=rows)
+            assert torch.equal(compiled(x), model(x))
+    few, many = graphs
+    kernel, op = "aten._weight_int4pack_mm_for_cpu", "awqfx.int4_linear"
+    assert kernel in few and op not in few
+    assert op in many and kernel not in many
+    assert f"{op}.default" in _called(torch.export.export(model, (_x(1, 128),)).graph_module)
+    torch._dynamo.reset()
+    inductor = torch.compile(model, dynamic=False)
+    try:
+        with torch.no_grad():
+            for rows in (1, 8):
+                x = _x(rows, 128, seed=rows)
+                torch.testing.assert_close(inductor(x), model(x), rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_export_3d_input_dynamic_dims():
     model = _tiny_model()
     x = _x(2, 5, 128)
