@@ -397,6 +397,12 @@ def scratch_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.dev
     return buffers[key]
 
 
+def takes_dense_path(rows: int, dense_from: int, device: torch.device) -> bool:
+    """Whether an input of ``rows`` rows takes a layer's dense path: on the CPU, from its
+    threshold ``dense_from`` on (0: never; :mod:`awqfx.kernel_choice`)."""
+    return 0 < dense_from <= rows and device.type == "cpu"
+
+
 def dense_linear(x2: Tensor, packed_weight: Tensor, scale_zeros: Tensor, group_size: int,
                  dtype: torch.dtype) -> Tensor:
     """``x2 @ W.T`` by dequantizing the int4-kernel weight into a reused ``[K, N]`` buffer of
@@ -428,7 +434,7 @@ def int4_linear_eager(
     x2 = _flatten_input(x)
     if x2.dtype != _INT4PACK_DTYPE or not x2.is_contiguous():
         x2 = x2.to(_INT4PACK_DTYPE).contiguous()
-    if 0 < dense_from <= x2.shape[0] and x.device.type == "cpu":
+    if takes_dense_path(x2.shape[0], dense_from, x.device):
         # same bf16 inputs and bf16 result as the kernel, so the choice does not change the numbers
         y = dense_linear(x2, packed_weight, sz, group_size, dense_dtype).to(_INT4PACK_DTYPE)
     else:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from awqfx.act_quant import quantize_activation
 from awqfx.config import ActSpec
-from awqfx.kernels import scratch_buffer
+from awqfx.kernels import scratch_buffer, takes_dense_path
 from awqfx.quant import group_bounds
 
 __all__ = ["int_mm", "int8_linear", "int8_linear_eager", "int_path", "float_path"]
@@ -63,7 +63,7 @@ def int8_linear_eager(x: Tensor, int_weight: Tensor, weight_scale: Tensor, weigh
     N = int_weight.shape[0]
     spec = ActSpec(act_bits, "per-token" if per_token else "per-tensor")
     q, s_x = quantize_activation(x.reshape(-1, K), spec)
-    if 0 < dense_from <= q.shape[0] and x.device.type == "cpu":
+    if takes_dense_path(q.shape[0], dense_from, x.device):
         acc = float_path(q, int_weight, weight_scale, weight_zero, group_size)
     else:
         acc = int_path(q, int_weight, weight_scale, weight_zero, group_size)

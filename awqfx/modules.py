@@ -53,6 +53,7 @@ from awqfx.kernels import (
     int4pack_supported,
     pack_int4_scale_zeros,
     pack_int4_weight,
+    takes_dense_path,
     unpack_codes,
 )
 from awqfx.packing import pack_int32, packed_length
@@ -295,7 +296,8 @@ class QuantLinear(nn.Module):
         if self._active == "int4pack":
             args = (x, self._int4_weight, self._int4_scale_zeros, self.group_size, self.bias, self._dense_from,
                     self._dense_dtype)
-            if recording() or (torch.compiler.is_compiling() and 0 < self._dense_from <= x.numel() // x.shape[-1]):
+            if recording() or (torch.compiler.is_compiling()
+                               and takes_dense_path(x.numel() // x.shape[-1], self._dense_from, x.device)):
                 return torch.ops.awqfx.int4_linear(*args)
             # same code without the custom op's dispatch cost (about as much as the int4 kernel in
             # decode); torch.compile traces through it to the int4 kernel itself
