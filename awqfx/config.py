@@ -142,9 +142,13 @@ class ScaleSearch:
     sample) on which each group's chosen scale must lower its region loss against s = 1; a group
     whose scale does not is left unscaled (``--guard-samples``; 0: no guard; docs/design.md,
     "The per-group guard").
+    grid_stride: the search first evaluates every ``grid_stride``-th point of each form's grid
+    (the identity included), then the points within ``grid_stride - 1`` of the best of those, in
+    its form; 1 evaluates the whole grid (docs/design.md, "The search").
     """
 
     n_grid: int = 20
+    grid_stride: int = 4
     form: str = "x"
     include_identity: bool = True
     propagate: str = "fp"
@@ -153,6 +157,7 @@ class ScaleSearch:
 
     def __post_init__(self) -> None:
         _need_int("ScaleSearch", "n_grid", self.n_grid, 1)
+        _need_int("ScaleSearch", "grid_stride", self.grid_stride, 1)
         _need_choice("ScaleSearch", "form", self.form, _SCALE_FORMS)
         _need_bool("ScaleSearch", "include_identity", self.include_identity)
         _need_choice("ScaleSearch", "propagate", self.propagate, _PROPAGATE)
@@ -331,7 +336,8 @@ def _need_patterns(name: str, v: Any) -> tuple[str, ...]:
 FLAT_FIELDS: dict[str, tuple[str, str]] = {
     "bits": ("weights", "bits"), "group_size": ("weights", "group_size"), "symmetric": ("weights", "symmetric"),
     "scheme": ("weights", "scheme"),
-    "n_grid": ("scales", "n_grid"), "scale_form": ("scales", "form"), "include_identity": ("scales", "include_identity"),
+    "n_grid": ("scales", "n_grid"), "grid_stride": ("scales", "grid_stride"), "scale_form": ("scales", "form"),
+    "include_identity": ("scales", "include_identity"),
     "propagate": ("scales", "propagate"), "drop_unfoldable": ("scales", "drop_unfoldable"),
     "guard_samples": ("scales", "guard_samples"),
     "clip": ("clip", "mode"), "clip_grid": ("clip", "grid"), "clip_rounds": ("clip", "rounds"),

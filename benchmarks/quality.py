@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py [--model MODEL] [--bits 4] [--group-size 64[,128...]] [--calib plays,mix]
         [--configs rtn,gptq,awq,awq-clip,clip,awq+gptq,awq+block,awq+guard,awq+guard+block]
-        [--texts plays,prose,licenses] [--samples 128] [--seq-len 512] [--max-windows 16]
+        [--texts plays,prose,licenses] [--samples 64] [--grid-stride 4] [--seq-len 512] [--max-windows 16]
         [--refine-iters N] [--refine-batch N] [--guard-samples N] [--json FILE]
 
 For each calibration source (``--calib``: ``plays``, the old default; ``mix``, the default since
@@ -54,6 +54,8 @@ def _config(name: str, group_size: int, args: argparse.Namespace) -> AWQConfig:
     if "block" in name:
         kw.update(refine_iters=args.refine_iters, refine_batch=args.refine_batch)
     no_scales = kw.pop("no_scales", False)
+    if kw["method"] == "awq":
+        kw["grid_stride"] = args.grid_stride
     cfg = AWQConfig.of(bits=args.bits, group_size=group_size, **kw)
     return dataclasses.replace(cfg, scales=None) if no_scales else cfg
 
@@ -138,7 +140,11 @@ def main() -> None:
     p.add_argument("--calib", default="plays,mix")
     p.add_argument("--configs", default="rtn,gptq,awq,awq+gptq")
     p.add_argument("--texts", default="plays,prose,licenses")
-    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--samples", type=int, default=assets.DEFAULT_SAMPLES,
+                   help=f"calibration sequences (default {assets.DEFAULT_SAMPLES}, awqfx's)")
+    stride = AWQConfig().scales.grid_stride
+    p.add_argument("--grid-stride", type=int, default=stride,
+                   help=f"the scale search's grid stride (default {stride}, awqfx's; 1: the whole grid)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--refine-iters", type=int, default=None, help="awq+block: steps per block (default awqfx's)")

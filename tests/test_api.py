@@ -68,7 +68,7 @@ def test_pass_output_compiles_with_inductor(llama):
 @pytest.mark.parametrize("bad", [
     {"bits": 9}, {"bits": 1}, {"group_size": 0}, {"group_size": -2}, {"n_grid": 0}, {"clip": "max"},
     {"scale_form": "y"}, {"propagate": "int"}, {"max_shrink": 1.0}, {"loss_samples": 0}, {"clip_tokens": 0},
-    {"method": "hqq"}, {"device": "tpu"}, {"clip_grid": 0},
+    {"method": "hqq"}, {"device": "tpu"}, {"clip_grid": 0}, {"grid_stride": 0},
 ])
 def test_bad_config_rejected_before_any_work(bad, llama, monkeypatch):
     with pytest.raises(ValueError):

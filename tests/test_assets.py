@@ -158,7 +158,7 @@ def test_calibration_samples_sources(tmp_path):
     (tmp_path / "ignored.json").write_text("{}" * 1000)
     both = assets.calibration_samples(tok, n_samples=1000, seq_len=32, source=tmp_path)
     assert both.shape[0] == (len(SAMPLE_TXT) + 2 + len(("plain " * 40).strip())) // 32
-    with pytest.raises(ValueError, match=r"found 5 tokens, need n_samples x seq_len = 128 x 512 = 65536"):
+    with pytest.raises(ValueError, match=r"found 5 tokens, need n_samples x seq_len = 64 x 512 = 32768"):
         (tmp_path / "short.txt").write_text("hello")
         assets.calibration_samples(tok, source=tmp_path / "short.txt")
     empty = tmp_path / "empty"

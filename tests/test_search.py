@@ -82,21 +82,23 @@ def _region_loss(h, w, wq, head):
     return float((out - ref).pow(2).mean())
 
 
+@pytest.mark.parametrize("stride", [1, 3])
 @pytest.mark.parametrize("relu", [True, False], ids=["gram-form", "graph-region"])
-def test_search_picks_the_argmin_of_independently_computed_losses(relu):
+def test_search_picks_the_argmin_of_independently_computed_losses(relu, stride):
     """Brute force: every grid candidate's region loss recomputed here from the scale formula, the
     search must report those losses and keep their argmin, and on outlier channels that argmin
-    must be far below RTN's loss."""
+    must be far below RTN's loss. With a stride the search evaluates exactly every third point
+    and the points within 2 of the best of those."""
     m = _OutlierMLP(relu).eval()
     x = torch.randn(8, 8, 16, generator=torch.Generator().manual_seed(1))
     gm = awqfx.capture(m, example_inputs=(x[:2],))
-    cfg = AWQConfig.of(bits=3, group_size=16, n_grid=10, clip="none", loss_samples=8, batch_size=8,
-                    calib_dtype=None, search_dtype=None)
+    cfg = AWQConfig.of(bits=3, group_size=16, n_grid=10, grid_stride=stride, clip="none", loss_samples=8,
+                       batch_size=8, calib_dtype=None, search_dtype=None)
     obs = prepare(gm, cfg)
     calibrate(obs, [x], progress=False)
     plan = search(obs, cfg, progress=False)
     (g,) = plan.groups
-    assert g.info["candidates"] == ["identity"] + [f"x a={i / 10:.2f}" for i in range(1, 10)]
+    names = ["identity"] + [f"x a={i / 10:.2f}" for i in range(1, 10)]
 
     spec = cfg.spec
     with torch.no_grad():
@@ -108,9 +110,14 @@ def test_search_picks_the_argmin_of_independently_computed_losses(relu):
             s = x_mean.pow(i / 10).clamp(min=1e-4)
             scales.append(s / (s.max() * s.min()).sqrt())
         losses = [_region_loss(h, w, fake_quantize(w * s, spec) / s, head) for s in scales]
-    torch.testing.assert_close(torch.tensor(g.info["losses"]), torch.tensor(losses), rtol=1e-3, atol=0)
-    best = min(range(len(losses)), key=losses.__getitem__)
-    assert g.info["choice"] == g.info["candidates"][best]
+    coarse = list(range(0, 10, stride))
+    first = min(coarse, key=losses.__getitem__)
+    tried = sorted(set(coarse) | {i for i in range(10) if abs(i - first) < stride})
+    assert g.info["candidates"] == [names[i] for i in tried]
+    torch.testing.assert_close(torch.tensor(g.info["losses"]), torch.tensor([losses[i] for i in tried]),
+                               rtol=1e-3, atol=0)
+    best = min(tried, key=losses.__getitem__)
+    assert g.info["choice"] == names[best]
     torch.testing.assert_close(g.scale, scales[best], rtol=1e-5, atol=1e-6)
     assert losses[best] < 0.5 * losses[0]  # measured 0.46 (gram-form), 0.41 (graph-region)
 
@@ -231,7 +238,7 @@ def test_scale_form_both_keeps_the_better_of_the_two_forms_on_the_first_group():
     _, gm, obs, cfg = _observed("llama")
     first = {}
     for form in ("x", "duo", "both"):
-        plan = search(obs, AWQConfig.of(bits=4, group_size=16, scale_form=form), progress=False)
+        plan = search(obs, AWQConfig.of(bits=4, group_size=16, scale_form=form, grid_stride=1), progress=False)
         first[form] = plan.groups[0].info  # the first group sees identical inputs in every run
     x, duo, both = first["x"], first["duo"], first["both"]
     # "both" evaluates the x grid (identity first) and the duo grid, with the same losses as the single-form runs
@@ -389,8 +396,8 @@ def test_single_linear_regions_use_the_gram_form_with_the_same_losses(monkeypatc
 
 def test_bf16_autocast_search_runs_in_bf16_with_close_losses():
     _, _, obs, _ = _observed("llama")
-    bf16 = search(obs, AWQConfig.of(bits=4, group_size=16, search_dtype="bfloat16"), progress=False)
-    fp32 = search(obs, AWQConfig.of(bits=4, group_size=16, search_dtype=None), progress=False)
+    bf16 = search(obs, AWQConfig.of(bits=4, group_size=16, search_dtype="bfloat16", grid_stride=1), progress=False)
+    fp32 = search(obs, AWQConfig.of(bits=4, group_size=16, search_dtype=None, grid_stride=1), progress=False)
     for b, f in zip(bf16.groups, fp32.groups):
         lb, lf = torch.tensor(b.info["losses"]), torch.tensor(f.info["losses"])
         rel = float(((lb - lf).abs() / lf).max())

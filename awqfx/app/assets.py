@@ -501,6 +501,9 @@ def _source_text(source: str | os.PathLike) -> tuple[str, str]:
 CALIBRATION_SOURCES = ("mix", "plays")
 #: The source of ``source=None``.
 DEFAULT_CALIBRATION = "mix"
+#: Calibration sequences by default (of 512 tokens): 64 keep the default run of the bundled model
+#: within five minutes on a 2-core CPU (docs/results.md, "The default run in five minutes").
+DEFAULT_SAMPLES = 64
 #: The three domains of ``"mix"``, in the order their windows are interleaved.
 MIX_DOMAINS = ("plays", "docs", "code")
 _DOMAIN_LABELS = {
@@ -648,7 +651,7 @@ def _mix_samples(tokenizer, n_samples: int, seq_len: int) -> torch.Tensor:
 
 
 def calibration_samples(
-    tokenizer, n_samples: int = 128, seq_len: int = 512, source: str | os.PathLike | None = None
+    tokenizer, n_samples: int = DEFAULT_SAMPLES, seq_len: int = 512, source: str | os.PathLike | None = None
 ) -> torch.Tensor:
     """``[n, seq_len]`` LongTensor of calibration windows (``n <= n_samples``).
 

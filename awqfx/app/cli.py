@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import awqfx
 from awqfx import distributed
-from awqfx.app.assets import CALIBRATION_SOURCES, DTYPES, EVAL_TEXTS, load_model, named_eval_text
+from awqfx.app.assets import CALIBRATION_SOURCES, DEFAULT_SAMPLES, DTYPES, EVAL_TEXTS, load_model, named_eval_text
 from awqfx.app.bench import format_bench, run_bench
 from awqfx.app.jobs import MODES, compare_methods, plot_results, quantize_model
 from awqfx.app.mappings import FORMATS as MAPPING_FORMATS
@@ -168,7 +168,8 @@ def _search_kwargs(args: argparse.Namespace) -> dict:
     w = _weight_flags(args)
     return dict(symmetric=w["symmetric"], scale_form=args.scale_form, clip=w["clip"], clip_grid=args.clip_grid,
                 clip_rounds=args.clip_rounds, clip_skip_qk=not args.clip_qk,
-                n_grid=args.n_grid, loss_samples=args.loss_samples, guard_samples=args.guard_samples,
+                n_grid=args.n_grid, grid_stride=args.grid_stride, loss_samples=args.loss_samples,
+                guard_samples=args.guard_samples,
                 propagate=args.propagate,
                 refine=args.refine, refine_damp=args.refine_damp, refine_act_order=args.refine_act_order,
                 refine_iters=args.refine_iters, refine_lr=args.refine_lr, refine_batch=args.refine_batch,
@@ -375,6 +376,9 @@ def _quant_flags(p: argparse.ArgumentParser, group_size: int, multi_bits: bool =
     s.add_argument("--clip-qk", action="store_true",
                    help="also clip the weights feeding attention queries/keys (skipped by default, as in the reference)")
     s.add_argument("--n-grid", type=int, default=d.n_grid, help=f"grid points for the scale exponent (default {d.n_grid})")
+    s.add_argument("--grid-stride", type=int, default=d.grid_stride,
+                   help="evaluate every Nth grid point, then the points around the best of them; 1: the whole grid "
+                        f"(default {d.grid_stride})")
     s.add_argument("--loss-samples", type=int, default=d.loss_samples,
                    help=f"calibration sequences kept for the search losses (default {d.loss_samples})")
     s.add_argument("--guard-samples", type=int, default=d.guard_samples,
@@ -453,7 +457,8 @@ def _calib_flags(p: argparse.ArgumentParser) -> None:
                         "reference and Python standard-library code in equal shares; depends on the Python version), "
                         "plays (the calibration plays alone, the default before the mix), or a file or a directory of "
                         ".txt/.md files (./mix for a file named mix)")
-    c.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
+    c.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                   help=f"calibration sequences (default {DEFAULT_SAMPLES})")
     c.add_argument("--seq-len", type=int, default=512, help="tokens per calibration/evaluation sequence (default 512)")
 
 

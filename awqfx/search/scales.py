@@ -88,6 +88,27 @@ def candidates(cfg: AWQConfig, g: ScaleGroup, x_mean: torch.Tensor, w_mean: torc
     return out
 
 
+def grid_position(cand, n_grid: int) -> tuple[str, int]:
+    """``(form, index)`` of a candidate on its form's grid; the identity is form ``x``'s point 0."""
+    _label, form, alpha, _s = cand
+    return ("x", 0) if form == "identity" else (form, round(alpha * n_grid))
+
+
+def stride_schedule(cands, n_grid: int, stride: int):
+    """What the search evaluates, in two steps: ``coarse``, every ``stride``-th grid point of each
+    form (the identity among them); then ``near(best)``, the points of the best one's form closer
+    to it than ``stride``. With ``stride`` 1 the first step is the whole grid and the second adds
+    nothing. At n_grid 20, stride 4: at most 11 of the 20 (docs/design.md, "The search")."""
+    pos = [grid_position(c, n_grid) for c in cands]
+    coarse = [i for i, (_f, k) in enumerate(pos) if k % stride == 0]
+
+    def near(best: int) -> list[int]:
+        form, k = pos[best]
+        return [i for i, (f, j) in enumerate(pos) if f == form and abs(j - k) < stride]
+
+    return coarse, near
+
+
 CANDIDATE_CHUNK = 1 << 22  # weight elements quantized at a time by candidate_weight
 
 
@@ -225,13 +246,25 @@ def search_group(observed: ObservedGraph, work: fx.GraphModule, reg: Region, g: 
     x_mean = channel_x_mean(observed, g)
     w_mean = channel_w_mean(work, g, spec) if cfg.scales.form in ("duo", "both") else None
     cands = candidates(cfg, g, x_mean, w_mean)
-    losses = region_losses(work, reg, g, params, envs, cands, spec, device, quantizers)
     # s = 1 is always evaluated (the RTN loss); it competes when asked to, and in form "x",
     # whose grid point alpha = 0 it is.
     id_ok = cfg.scales.include_identity or cfg.scales.form in ("x", "both")
-    allowed = [i for i, (lab, *_rest) in enumerate(cands) if id_ok or lab != "identity"]
-    best = min(allowed, key=lambda i: (losses[i], i))
-    info = {"loss_identity": losses[0], "losses": losses, "candidates": [c[0] for c in cands],
+    allowed = {i for i, (lab, *_rest) in enumerate(cands) if id_ok or lab != "identity"}
+    found: dict[int, float] = {}
+
+    def evaluate(idx: list[int]) -> int:
+        """Evaluate the candidates ``idx`` (those not evaluated yet); the best allowed one so far."""
+        new = [i for i in idx if i not in found]
+        if new:
+            found.update(zip(new, region_losses(work, reg, g, params, envs, [cands[i] for i in new], spec, device,
+                                                quantizers)))
+        return min((i for i in found if i in allowed), key=lambda i: (found[i], i))
+
+    coarse, near = stride_schedule(cands, cfg.scales.n_grid, cfg.scales.grid_stride)
+    best = evaluate(near(evaluate(coarse)))
+    tried = sorted(found)
+    losses = [found[i] for i in tried]
+    info = {"loss_identity": found[0], "losses": losses, "candidates": [cands[i][0] for i in tried],
             "region_nodes": reg.size}
     if held_envs and best != 0:
         held = region_losses(work, reg, g, params, held_envs, [cands[0], cands[best]], spec, device, quantizers)
@@ -240,5 +273,5 @@ def search_group(observed: ObservedGraph, work: fx.GraphModule, reg: Region, g: 
             info["guard_rejected"] = cands[best][0]
             best = 0
     label, form, alpha, s_best = cands[best]
-    info.update(choice=label, form=form, alpha=alpha, loss=losses[best])
+    info.update(choice=label, form=form, alpha=alpha, loss=found[best])
     return s_best, info
