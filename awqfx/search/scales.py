@@ -15,6 +15,8 @@ Per group (graph order)
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.fx as fx
 
@@ -165,53 +167,65 @@ def _shared(losses: torch.Tensor) -> list[float]:
     return distributed.all_reduce_sum(losses, what="the scale search").tolist()
 
 
-def _losses(reg: Region, g: ScaleGroup, params: dict, envs: list[dict], cands, spec: QuantSpec, device,
-            quantizers: dict[str, ActQuantizer]) -> list[float]:
-    """Each candidate's MSE of the region output against the current float weights' (each rank
-    computes its round-robin share of the candidates); ``quantizers``: the working graph's
-    activation quantizers by linear node (empty: weight-only)."""
+def _losses(reg: Region, g: ScaleGroup, params: dict, envs: list[dict], spec: QuantSpec, device,
+            quantizers: dict[str, ActQuantizer]) -> Callable[[list], list[float]]:
+    """A function of candidates giving each one's MSE of the region output against the current
+    float weights' (each rank computes its round-robin share of the candidates); the float output
+    is computed once, here. ``quantizers``: the working graph's activation quantizers by linear
+    node (empty: weight-only)."""
     feeds = [[env[n] for n in reg.env_nodes] for env in envs]
     with quantizing(quantizers.values(), False):
         ref = [region_outputs(reg.gm(*f, *[params[t] for t in reg.attrs])) for f in feeds]
     numel = sum(t.numel() for r in ref for t in r)
-    losses = torch.zeros(len(cands), dtype=torch.float64)
     smoothed = [(quantizers[c.node], c) for c in g.consumers if c.quantize and c.node in quantizers]
-    try:
-        for i, (_label, _form, _alpha, s_full) in enumerate(cands):
-            if not distributed.owns(i):
-                continue
-            p = dict(params)
-            for c in g.consumers:
-                if c.quantize and c.weight in p:
-                    p[c.weight] = candidate_weight(params[c.weight], c, s_full.to(device), spec)
-            for q, c in smoothed:
-                q.smooth = column_scale(c.columns, s_full).to(device)
-            err = 0.0
-            with quantizing(quantizers.values(), True):
-                for f, r in zip(feeds, ref):
-                    for o, rr in zip(region_outputs(reg.gm(*f, *[p[t] for t in reg.attrs])), r):
-                        d = o.float() - rr.float()
-                        err += float(d.square_().sum(dtype=torch.float64))  # in place: one output-sized temporary
-            losses[i] = err / max(1, numel)
-    finally:
-        for q, _c in smoothed:
-            q.smooth = None
-    return _shared(losses)
+
+    def score(cands) -> list[float]:
+        losses = torch.zeros(len(cands), dtype=torch.float64)
+        try:
+            for i, (_label, _form, _alpha, s_full) in enumerate(cands):
+                if not distributed.owns(i):
+                    continue
+                p = dict(params)
+                for c in g.consumers:
+                    if c.quantize and c.weight in p:
+                        p[c.weight] = candidate_weight(params[c.weight], c, s_full.to(device), spec)
+                for q, c in smoothed:
+                    q.smooth = column_scale(c.columns, s_full).to(device)
+                err = 0.0
+                with quantizing(quantizers.values(), True):
+                    for f, r in zip(feeds, ref):
+                        for o, rr in zip(region_outputs(reg.gm(*f, *[p[t] for t in reg.attrs])), r):
+                            d = o.float() - rr.float()
+                            err += float(d.square_().sum(dtype=torch.float64))  # in place: one output-sized temporary
+                losses[i] = err / max(1, numel)
+        finally:
+            for q, _c in smoothed:
+                q.smooth = None
+        return _shared(losses)
+
+    return score
 
 
-def _gram_losses(c, data: fx.Node, params: dict, envs: list[dict], cands, spec: QuantSpec, device) -> list[float]:
-    """The same losses for a region that is one linear: ``trace(D G D^T) / (T out)``, in float32."""
+def _gram_losses(c, data: fx.Node, params: dict, envs: list[dict], spec: QuantSpec,
+                 device) -> Callable[[list], list[float]]:
+    """The same for a region that is one linear: ``trace(D G D^T) / (T out)``, in float32, with
+    the input Gram computed once, here."""
     with torch.autocast(device.type, enabled=False):
         xs = [env[data].reshape(-1, env[data].shape[-1]).float() for env in envs]
         gram = sum(x.t() @ x for x in xs)
         n_tok = sum(x.shape[0] for x in xs)
         w0 = rows_view(params[c.weight], c.in_dim).float()
+
+    def score(cands) -> list[float]:
         losses = torch.zeros(len(cands), dtype=torch.float64)
-        for i, (_label, _form, _alpha, s_full) in enumerate(cands):
-            if distributed.owns(i):
-                d = rows_view(candidate_weight(params[c.weight], c, s_full.to(device), spec), c.in_dim).float() - w0
-                losses[i] = float(((d @ gram) * d).sum(dtype=torch.float64)) / (n_tok * w0.shape[0])
-    return _shared(losses)
+        with torch.autocast(device.type, enabled=False):
+            for i, (_label, _form, _alpha, s_full) in enumerate(cands):
+                if distributed.owns(i):
+                    d = rows_view(candidate_weight(params[c.weight], c, s_full.to(device), spec), c.in_dim).float() - w0
+                    losses[i] = float(((d @ gram) * d).sum(dtype=torch.float64)) / (n_tok * w0.shape[0])
+        return _shared(losses)
+
+    return score
 
 
 def _gram_is_cheaper(c, data: fx.Node, params: dict, envs: list[dict]) -> bool:
@@ -221,14 +235,15 @@ def _gram_is_cheaper(c, data: fx.Node, params: dict, envs: list[dict]) -> bool:
     return tokens > params[c.weight].shape[c.in_dim]
 
 
-def region_losses(work: fx.GraphModule, reg: Region, g: ScaleGroup, params: dict, envs: list[dict], cands,
-                  spec: QuantSpec, device, quantizers: dict[str, ActQuantizer]) -> list[float]:
-    """Each candidate's region loss on ``envs``: in closed form from the input Gram when the region
-    is one linear and that is cheaper, else by running the region."""
+def region_losses(work: fx.GraphModule, reg: Region, g: ScaleGroup, params: dict, envs: list[dict],
+                  spec: QuantSpec, device, quantizers: dict[str, ActQuantizer]) -> Callable[[list], list[float]]:
+    """A function giving candidates' region losses on ``envs`` (what does not depend on the
+    candidate is computed once): in closed form from the input Gram when the region is one linear
+    and that is cheaper, else by running the region."""
     lone = single_linear(work, reg, g)
     if lone is not None and _gram_is_cheaper(lone[0], lone[1], params, envs):
-        return _gram_losses(lone[0], lone[1], params, envs, cands, spec, device)
-    return _losses(reg, g, params, envs, cands, spec, device, quantizers)
+        return _gram_losses(lone[0], lone[1], params, envs, spec, device)
+    return _losses(reg, g, params, envs, spec, device, quantizers)
 
 
 def search_group(observed: ObservedGraph, work: fx.GraphModule, reg: Region, g: ScaleGroup, params: dict,
@@ -251,13 +266,13 @@ def search_group(observed: ObservedGraph, work: fx.GraphModule, reg: Region, g: 
     id_ok = cfg.scales.include_identity or cfg.scales.form in ("x", "both")
     allowed = {i for i, (lab, *_rest) in enumerate(cands) if id_ok or lab != "identity"}
     found: dict[int, float] = {}
+    score = region_losses(work, reg, g, params, envs, spec, device, quantizers)
 
     def evaluate(idx: list[int]) -> int:
         """Evaluate the candidates ``idx`` (those not evaluated yet); the best allowed one so far."""
         new = [i for i in idx if i not in found]
         if new:
-            found.update(zip(new, region_losses(work, reg, g, params, envs, [cands[i] for i in new], spec, device,
-                                                quantizers)))
+            found.update(zip(new, score([cands[i] for i in new])))
         return min((i for i in found if i in allowed), key=lambda i: (found[i], i))
 
     coarse, near = stride_schedule(cands, cfg.scales.n_grid, cfg.scales.grid_stride)
@@ -267,7 +282,7 @@ def search_group(observed: ObservedGraph, work: fx.GraphModule, reg: Region, g: 
     info = {"loss_identity": found[0], "losses": losses, "candidates": [cands[i][0] for i in tried],
             "region_nodes": reg.size}
     if held_envs and best != 0:
-        held = region_losses(work, reg, g, params, held_envs, [cands[0], cands[best]], spec, device, quantizers)
+        held = region_losses(work, reg, g, params, held_envs, spec, device, quantizers)([cands[0], cands[best]])
         info.update(held_loss=held[1], held_loss_identity=held[0], guard_rejected=None)
         if not held[1] < held[0]:  # the scale does not help on data the search did not see
             info["guard_rejected"] = cands[best][0]
