@@ -17,6 +17,7 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from awqfx import distributed
+from awqfx.config import AWQConfig
 from awqfx.graph import float_dtype, traced_input_shape
 from awqfx.memory import release_memory
 from awqfx.observed import ObservedGraph
@@ -26,7 +27,7 @@ from awqfx.passes.observers import is_observer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["calibrate", "CalibrationError", "iter_batches", "loss_sample_order"]
+__all__ = ["calibrate", "CalibrationError", "iter_batches", "loss_sample_order", "sample_order"]
 
 
 class CalibrationError(ValueError):
@@ -98,27 +99,38 @@ def _calibration_module(observed: ObservedGraph) -> fx.GraphModule:
     return cm
 
 
-def loss_sample_order(n: int, k: int, held: int = 0) -> torch.Tensor:
-    """An order of ``n`` rows whose first ``k`` are evenly spaced over all ``n``, and the next
-    ``held`` evenly spaced over the rest.
+def loss_sample_order(n: int, k: int, held: int = 0, more: int = 0) -> torch.Tensor:
+    """An order of ``n`` rows whose first ``k`` are evenly spaced over all ``n``, the next
+    ``held`` evenly spaced over the rest, and the next ``more`` evenly spaced over what is left.
 
-    The search's loss sample is the first ``k`` calibration sequences and the guard's held-back
-    sample the next ``held``; calibration windows are cut in text order, so the first ``k`` would
-    all come from the beginning of the text (one or two plays of thirty). The first ``k`` do not
-    depend on ``held``, and the per-channel statistics not on the order.
+    The search's loss sample is the first ``k`` calibration sequences, the guard's held-back
+    sample the next ``held``, and the block refine's extra sequences the ``more`` after them;
+    calibration windows are cut in text order, so the first ``k`` would all come from the
+    beginning of the text (one or two plays of thirty). The first ``k`` do not depend on
+    ``held`` or ``more``, and the per-channel statistics not on the order.
     """
-    if n <= k:
-        return torch.arange(n)
-    first = torch.linspace(0, n - 1, k).round().long().unique()
-    rest = torch.ones(n, dtype=torch.bool)
-    rest[first] = False
-    others = torch.arange(n)[rest]
-    if held > 0 and others.numel() > held:
-        pick = torch.linspace(0, others.numel() - 1, held).round().long().unique()
-        keep = torch.ones(others.numel(), dtype=torch.bool)
+    order = torch.arange(n)
+    taken: list[torch.Tensor] = []
+    for count in (k, held, more):
+        if count <= 0 or order.numel() == 0:
+            continue
+        if order.numel() <= count:
+            taken.append(order)
+            order = order[:0]
+            continue
+        pick = torch.linspace(0, order.numel() - 1, count).round().long().unique()
+        keep = torch.ones(order.numel(), dtype=torch.bool)
         keep[pick] = False
-        others = torch.cat([others[pick], others[keep]])
-    return torch.cat([first, others])
+        taken.append(order[pick])
+        order = order[keep]
+    return torch.cat([*taken, order])
+
+
+def sample_order(n: int, cfg: AWQConfig) -> torch.Tensor:
+    """:func:`loss_sample_order` of ``n`` calibration sequences for what ``cfg`` records: its loss
+    sample, the guard's, then the block refine's extra sequences."""
+    loss, held = cfg.runtime.loss_samples, cfg.guard_samples
+    return loss_sample_order(n, loss, held, cfg.recorded_samples - loss - held)
 
 
 def _default_device(observed: ObservedGraph) -> torch.device:
@@ -143,7 +155,7 @@ def calibrate(observed: ObservedGraph, batches: Any, device: str | torch.device 
         observed._calib_gm = None
     cm = _calibration_module(observed)
     if isinstance(batches, torch.Tensor) and batches.dim() == 2 and observed.sample_observers:
-        batches = batches[loss_sample_order(batches.shape[0], cfg.runtime.loss_samples, cfg.guard_samples)]
+        batches = batches[sample_order(batches.shape[0], cfg)]
     it = iter_batches(batches, cfg.runtime.batch_size)
     mine, before = None, None
     if distributed.world_size() > 1:  # a contiguous share of the batches (docs/design.md "Distributed calibration")

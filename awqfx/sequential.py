@@ -39,7 +39,7 @@ import awqfx
 from awqfx import distributed
 from awqfx.api import calibrate, convert, prepare, search
 from awqfx.apply import apply_plan
-from awqfx.calibrate import loss_sample_order
+from awqfx.calibrate import sample_order
 from awqfx.capture import capture
 from awqfx.checkpoint import Checkpoint
 from awqfx.config import AWQConfig, fast_half_matmul
@@ -433,15 +433,19 @@ def quantize_sequential(
         log.warning("search: loss_samples=%d asked for, %d available: calibration had only %d sequences",
                     cfg.runtime.loss_samples, calib.shape[0], calib.shape[0])
         cfg = cfg.with_(loss_samples=int(calib.shape[0]), guard_samples=0)
-    elif cfg.needs_calibration and calib.shape[0] < cfg.recorded_samples:
+    elif calib.shape[0] < cfg.replayed_samples:
         log.warning("search: guard_samples=%d asked for, %d sequences left after the %d loss sequences",
                     cfg.guard_samples, calib.shape[0] - cfg.runtime.loss_samples, cfg.runtime.loss_samples)
         cfg = cfg.with_(guard_samples=int(calib.shape[0]) - cfg.runtime.loss_samples)
+    if calib.shape[0] < cfg.refine_samples:
+        log.warning("search: refine_samples=%d asked for, calibration had only %d sequences", cfg.refine_samples,
+                    calib.shape[0])
+        cfg = cfg.with_(refine_samples=int(calib.shape[0]))
     needed = needed_after(sm.blocks)
     (inp,) = [n.name for n in sm.gm.graph.nodes if n.op == "placeholder"]
     rows = torch.arange(calib.shape[0])
     if cfg.needs_calibration:  # the loss sample (first rows) spread over the whole set, as calibrate does
-        rows = loss_sample_order(calib.shape[0], cfg.runtime.loss_samples, cfg.guard_samples)
+        rows = sample_order(calib.shape[0], cfg)
     batches = [{inp: calib[rows[i : i + cfg.runtime.batch_size]]} for i in range(0, calib.shape[0], cfg.runtime.batch_size)]
     tmp_offload = None
     if offload_dir is not None:
@@ -457,7 +461,7 @@ def quantize_sequential(
         boundary = Boundary([b if i in held else None for i, b in enumerate(batches)], tmp_offload)
         # --refine block trains each block on the quantized stream: the loss sample's batches, carried through
         # the fake-quantized blocks beside the float boundary (every rank holds them)
-        quant = (Boundary(batches[: -(-cfg.runtime.loss_samples // cfg.runtime.batch_size)])
+        quant = (Boundary(batches[: -(-cfg.refine_samples // cfg.runtime.batch_size)])
                  if _refines_blocks(cfg) else None)
         main = distributed.is_main()  # every rank calibrates its share and finds the same plan; rank 0 writes
         with checkpoint_dir(out) if main else contextlib.nullcontext() as tmp:
@@ -485,12 +489,12 @@ def _refines_blocks(cfg: AWQConfig) -> bool:
 
 
 def _quant_sample(quant: Boundary, observed: ObservedGraph) -> dict[str, Any]:
-    """The block's recorded loss sample as the quantized stream ``quant`` has it: as many rows of
-    each batched input (the loss sample's, not the guard's held-back ones after it), the recorded
-    value of the others (the same in both streams)."""
+    """The block's recorded refine sample as the quantized stream ``quant`` has it: as many rows of
+    each batched input (the refine's first ``refine_samples``), the recorded value of the others
+    (the same in both streams)."""
     batches = [quant.get(i) for i in range(quant.n)]
     unbatched = observed.unbatched_inputs()
-    rows = observed.config.runtime.loss_samples
+    rows = observed.config.refine_samples
     return {n: v if n in unbatched or not isinstance(v, torch.Tensor)
             else torch.cat([b[n].cpu() for b in batches], 0)[: min(rows, v.shape[0])]
             for n, v in observed.loss_inputs().items()}

@@ -21,7 +21,8 @@ converted once by ``awqfx.app.assets``) and is scored by the same code on the sa
   ``assets.calibration_samples(tok, samples, seq_len, source=--calib)`` (``--calib`` omitted:
   awqfx's default source).
 * ``awqfx+gptq`` / ``awqfx+block``: the same with ``refine="gptq"`` / ``refine="block"``
-  (``--refine-iters`` / ``--refine-batch`` set the block refine's steps and batch).
+  (``--refine-iters`` / ``--refine-batch`` set the block refine's steps and batch; it learns on
+  all ``--samples`` windows, as auto-round does).
 * ``autoround``: ``AutoRound(model, tok, bits, group_size, sym=False, iters, nsamples, seqlen,
   dataset=<those same windows as a list of [1, seq_len] tensors>, device_map="cpu")`` then
   ``quantize()``, which leaves the fake-quantized (quantize-dequantize) weights in the model. The
@@ -312,7 +313,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         elif m == "rtn" or m.startswith("awqfx"):
             method, _, refine = ("rtn", "", "none") if m == "rtn" else ("awq", *m.partition("+")[1:])
             qgm, info = run_awqfx(gm, calib, args.bits, args.group_size, method, refine or "none",
-                                  refine_iters=args.refine_iters, refine_batch=args.refine_batch)
+                                  refine_iters=args.refine_iters, refine_batch=args.refine_batch,
+                                  refine_samples=args.samples)  # every window, as auto-round
             info["quantize_s"] += capture_s
             info["capture_s"] = capture_s
             score(m, qgm, info)

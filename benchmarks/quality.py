@@ -3,7 +3,7 @@
     python benchmarks/quality.py [--model MODEL] [--bits 4] [--group-size 64[,128...]] [--calib plays,mix]
         [--configs rtn,gptq,awq,awq-clip,clip,awq+gptq,awq+block,awq+guard,awq+guard+block]
         [--texts plays,prose,licenses] [--samples 64] [--grid-stride 4] [--seq-len 512] [--max-windows 16]
-        [--refine-iters N] [--refine-batch N] [--guard-samples N] [--json FILE]
+        [--refine-iters N] [--refine-batch N] [--refine-samples N] [--guard-samples N] [--json FILE]
 
 For each calibration source (``--calib``: ``plays``, the old default; ``mix``, the default since
 #16; or a path) the model is captured and calibrated once, then each config is searched on those
@@ -52,7 +52,7 @@ def _config(name: str, group_size: int, args: argparse.Namespace) -> AWQConfig:
     if kw.pop("guard", False):
         kw["guard_samples"] = args.guard_samples
     if "block" in name:
-        kw.update(refine_iters=args.refine_iters, refine_batch=args.refine_batch)
+        kw.update(refine_iters=args.refine_iters, refine_batch=args.refine_batch, refine_samples=args.refine_samples)
     no_scales = kw.pop("no_scales", False)
     if kw["method"] == "awq":
         kw["grid_stride"] = args.grid_stride
@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> dict:
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     configs = {(g, name): _config(name, g, args) for g in args.group_sizes for name in names}
     guard = max(c.guard_samples for c in configs.values())  # recorded once, for every config
+    taught = max(c.refine_samples for c in configs.values())
     for calib in [c.strip() for c in args.calib.split(",") if c.strip()]:
         observed, calib_s = None, 0.0
         for (group, name), cfg in configs.items():
@@ -83,7 +84,8 @@ def run(args: argparse.Namespace) -> dict:
                 continue  # no calibration: the same model for every source
             t0 = time.perf_counter()
             if observed is None and cfg.needs_calibration:
-                observed = prepare(gm, cfg.with_(method="awq", guard_samples=guard))
+                observed = prepare(gm, cfg.with_(method="awq", guard_samples=guard, refine="block" if taught else "none",
+                                                 refine_samples=taught or None))
                 calibrate(observed, assets.calibration_samples(tok, args.samples, args.seq_len, source=calib),
                           progress=False)
                 calib_s = time.perf_counter() - t0
@@ -149,6 +151,8 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--refine-iters", type=int, default=None, help="awq+block: steps per block (default awqfx's)")
     p.add_argument("--refine-batch", type=int, default=None, help="awq+block: sequences per step (default awqfx's)")
+    p.add_argument("--refine-samples", type=int, default=None,
+                   help="awq+block: calibration sequences it learns on (default awqfx's)")
     p.add_argument("--guard-samples", type=int, default=4,
                    help="awq+guard: calibration sequences held back for the per-group guard (default 4)")
     p.add_argument("--json", default=None)

@@ -160,20 +160,22 @@ def test_quantize_with_refine_saves_the_codes_it_packed(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------- --refine block
 
+BLOCK = dict(refine="block", refine_samples=8)  # every sequence of calib_ids()
+
 
 @pytest.fixture(scope="module")
 def block_refined():
-    """A tiny llama calibrated once: its AWQ plan, the same search refined block by block, and the
-    same with a step too small to move any rounding."""
+    """A tiny llama calibrated once: its AWQ plan, the same search refined block by block on all 8
+    calibration sequences, and the same with a step too small to move any rounding."""
     model = build("llama")
     gm = awqfx.capture(model)
     cfg = AWQConfig.of(**QUICK)
-    observed = prepare(gm, cfg)
+    observed = prepare(gm, cfg.with_(**BLOCK))
     calib = calib_ids()
     calibrate(observed, calib, progress=False)
     plain = search(observed, cfg, progress=False)
-    plan = search(observed, cfg.with_(refine="block", refine_iters=40), progress=False)
-    still = search(observed, cfg.with_(refine="block", refine_iters=4, refine_lr=1e-9), progress=False)
+    plan = search(observed, cfg.with_(**BLOCK, refine_iters=40), progress=False)
+    still = search(observed, cfg.with_(**BLOCK, refine_iters=4, refine_lr=1e-9), progress=False)
     return model, gm, observed.loss_inputs()["input_ids"], plain, plan, still
 
 
@@ -182,11 +184,11 @@ def _logit_error(model, plan, ids):
         return float((apply_plan(model, plan, weights="fake")(ids).logits - model(ids).logits).pow(2).mean())
 
 
-def test_block_refine_lowers_the_models_error_on_its_loss_sample(block_refined):
-    """64 tokens train it here, so only the loss sample is asked to improve (held-out text on the
-    real model: docs/results.md)."""
+def test_block_refine_lowers_the_models_error_on_its_refine_sample(block_refined):
+    """128 tokens train it here, so only the refine sample is asked to improve (held-out text on
+    the real model: docs/results.md)."""
     model, _, sample, plain, plan, _ = block_refined
-    assert sample.shape == (QUICK["loss_samples"], 16)
+    assert sample.shape == (8, 16)
     assert _logit_error(model, plan, sample) < 0.5 * _logit_error(model, plain, sample)
     blocks = plan.metadata["refine_blocks"]
     assert [b["block"] for b in blocks] == ["model.layers.0", "model.layers.1"]
@@ -204,7 +206,7 @@ def test_block_refine_learns_codes_and_ranges_inside_the_groups_own(block_refine
         assert wp.codes is not None and int(wp.codes.max()) <= wp.spec.qmax
         assert bool((wp.max_val <= mx + 1e-6).all() and (wp.min_val >= mn - 1e-6).all())
         assert bool((wp.max_val >= 0.5 * mx - 1e-6).all() and (wp.min_val <= 0.5 * mn + 1e-6).all())  # mixed signs
-        assert wp.info["refine"] == "block" and wp.info["refine_tokens"] == QUICK["loss_samples"] * 16
+        assert wp.info["refine"] == "block" and wp.info["refine_tokens"] == 8 * 16
         moved += int((plan.quantized_weight(folded, name).q != quantize_weight(w, wp.spec, wp.max_val, wp.min_val).q).sum())
     assert moved > 0  # some codes are not the nearest ones on the learnt grid
     ids = token_ids()
@@ -224,6 +226,44 @@ def test_a_block_the_refine_cannot_improve_keeps_the_searched_plan(block_refined
             assert (mine is None and theirs is None) or torch.equal(mine, theirs)
 
 
+def test_block_refine_learns_on_more_sequences_than_the_loss_sample_when_asked():
+    """``refine_samples``: prepare records that many sequences, the loss sample stays the first
+    ``loss_samples`` of them (the searched scales and clips do not change) and the refine trains
+    on all of them."""
+    model = build("llama")
+    gm = awqfx.capture(model)
+    cfg = AWQConfig.of(**QUICK, refine="block", refine_iters=10, refine_samples=8)
+    assert (cfg.recorded_samples, cfg.refine_samples) == (8, 8)
+    base = prepare(gm, AWQConfig.of(**QUICK))
+    observed = prepare(gm, cfg)
+    calib = calib_ids(12)
+    for o in (base, observed):
+        calibrate(o, calib, progress=False)
+    recorded = observed.loss_inputs()["input_ids"]
+    assert recorded.shape == (8, 16) and torch.equal(recorded[:4], base.loss_inputs()["input_ids"])
+    assert len({tuple(r.tolist()) for r in recorded}) == 8
+    plan, plain = search(observed, cfg, progress=False), search(base, AWQConfig.of(**QUICK), progress=False)
+    assert plan.metadata["loss_sample"] == {"input_ids": [4, 16]}
+    assert plan.scales.keys() == plain.scales.keys() and plan.scales
+    assert all(torch.equal(plan.scales[k], plain.scales[k]) for k in plain.scales)
+    assert all(wp.info["refine_tokens"] == 8 * 16 for wp in plan.weights.values())
+    with pytest.raises(ValueError, match="Refine.samples must be an integer >= 1, got 0"):
+        Refine("block", samples=0)
+
+
+def test_quantize_with_block_refine_counts_its_sequences_in_the_memory_estimate(tmp_path, capsys):
+    model_dir = tmp_path / "m"
+    save_model_dir(model_dir, "llama")
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), "--samples", "6", "--seq-len", "16", "--n-grid", "2", "--group-size", "32",
+                 "--refine", "block", "--refine-iters", "2", "--refine-samples", "5", "--out", str(out)]) == 0
+    estimate = next(line for line in capsys.readouterr().out.splitlines() if "memory estimate" in line)
+    assert "refine 0.00 GiB" in estimate  # three streams of 5 x 16 tokens at a block boundary: a few kB here
+    saved = AWQPlan.load(out / PLAN_SUBDIR)
+    assert saved.config["refine"]["samples"] == 5
+    assert all(wp.info["refine_tokens"] == 5 * 16 for wp in saved.weights.values())
+
+
 def test_block_refine_settings_are_checked():
     assert AWQConfig.of(**QUICK, refine="block").refine == Refine("block")
     with pytest.raises(ConfigError, match="--refine block learns weight rounding against float activations"):
@@ -240,10 +280,10 @@ def test_block_refine_of_a_bf16_model_keeps_its_dtype_and_lowers_its_error():
     model = build("llama").to(torch.bfloat16)
     gm = awqfx.capture(model)
     cfg = AWQConfig.of(**QUICK)
-    observed = prepare(gm, cfg)
+    observed = prepare(gm, cfg.with_(**BLOCK))
     calibrate(observed, calib_ids(), progress=False)
     plain = search(observed, cfg, progress=False)
-    plan = search(observed, cfg.with_(refine="block", refine_iters=20), progress=False)
+    plan = search(observed, cfg.with_(**BLOCK, refine_iters=20), progress=False)
     assert all(b["kept"] for b in plan.metadata["refine_blocks"])
     sample = observed.loss_inputs()["input_ids"]
     fake = apply_plan(model, plan, weights="fake")

@@ -480,6 +480,12 @@ def test_loss_sample_is_spread_over_the_calibration_set():
     (sample,) = [v for v in obs.loss_inputs().values() if isinstance(v, torch.Tensor)]
     assert torch.equal(sample, calib[[0, 6, 11]])  # first, middle and last sequence, not the first three
     assert obs.calibration["sequences"] == 12
+    # the guard's held-back sequences spread over the rest, then the block refine's extra ones over what is left
+    obs = prepare(gm, AWQConfig.of(bits=4, group_size=16, loss_samples=3, guard_samples=2, refine="block",
+                                   refine_samples=7))
+    calibrate(obs, calib, progress=False)
+    (sample,) = [v for v in obs.loss_inputs().values() if isinstance(v, torch.Tensor)]
+    assert torch.equal(sample, calib[[0, 6, 11, 1, 10, 2, 9]])
 
 
 @pytest.mark.parametrize("mode", ["minmax", "asym", "sym"])

@@ -179,14 +179,17 @@ def test_quant_propagation_feeds_later_blocks_the_quantized_outputs(llama_dir, t
     assert not all(torch.equal(seq[k], whole[k]) for k in second)
 
 
-def test_block_refine_trains_each_block_on_the_quantized_stream_as_the_whole_graph_mode_does(llama_dir, tmp_path):
-    """``--refine block`` block by block: each layer learns its rounding on the loss sample carried
-    through the fake-quantized layers before it, beside the float boundary. The whole-graph mode
-    trains on the same streams but from the folded graph, whose float bits differ a little; so the
-    two models agree far more closely than either does with the unrefined one."""
-    calib, cfg = calib_ids(8, 16), CFG.with_(refine="block", refine_iters=20)
+@pytest.mark.parametrize("samples, rows", [(None, 8), (7, 7)])  # None: the default 32, capped at the 8 there are
+def test_block_refine_trains_each_block_on_the_quantized_stream_as_the_whole_graph_mode_does(llama_dir, tmp_path,
+                                                                                               samples, rows):
+    """``--refine block`` block by block: each layer learns its rounding on the refine sample
+    (``refine_samples`` sequences, the loss sample first) carried through the fake-quantized layers
+    before it, beside the float boundary. The whole-graph mode trains on the same streams but from the
+    folded graph, whose float bits differ a little; so the two models agree far more closely than
+    either does with the unrefined one."""
+    calib, cfg = calib_ids(8, 16), CFG.with_(refine="block", refine_iters=20, refine_samples=samples)
     plan, _ = quantize_sequential(open_sequential(llama_dir), calib, cfg, tmp_path / "seq", progress=False)
-    assert all(wp.info["refine"] == "block" and wp.info["refine_tokens"] == 4 * 16 for wp in plan.weights.values())
+    assert all(wp.info["refine"] == "block" and wp.info["refine_tokens"] == rows * 16 for wp in plan.weights.values())
     model = build("llama")
     whole = _whole(model, calib, cfg)
     plain = _whole(model, calib, CFG)
@@ -284,7 +287,15 @@ def test_memory_estimate_refuses_long_sequences(llama_dir, monkeypatch):
     assert est.parts["activations"] >= 8 * 4 * 100_000**2 * 4
     small = budget.estimate_memory(sm.gm, samples=8, seq_len=64, batch_size=4, loss_samples=4, weight_bytes=0,
                                    blocks=sm.blocks, block_bytes=[1], outside_bytes=0)
-    assert small.total < 2**30
+    assert small.total < 2**30 and "refine" not in small.parts
+    # --refine block: three streams (float, quantized, float outputs) of its sequences at a block boundary
+    hidden = build("llama").config.hidden_size
+    refine = [budget.estimate_memory(sm.gm, samples=n, seq_len=64, batch_size=4, loss_samples=4, weight_bytes=0,
+                                     blocks=sm.blocks, block_bytes=[1], outside_bytes=0, refine_samples=32).parts["refine"]
+              for n in (64, 16)]
+    stream = 3 * 64 * hidden * 4  # per sequence: at least the hidden states of three streams
+    assert refine[0] >= 32 * stream and refine[1] >= 16 * stream  # 32 sequences, then the 16 there are
+    assert refine[0] - refine[1] >= 16 * stream
     with pytest.raises(ConfigError, match="needs about .* GiB .*lower --seq-len"):
         budget.check_fits(est, "cpu", "lower --seq-len")
     budget.check_fits(small, "cpu", "lower --seq-len")

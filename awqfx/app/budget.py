@@ -16,7 +16,9 @@ running anything. Parts, in bytes:
   ``[batch, heads, L, L]`` float32 score tensor per attention op (its unfused worst case) -- or
   the same measure over the search's replay of ``loss_samples`` sequences (the loss sample and the guard's), if larger (the two
   are not held together). Block-by-block mode counts only the blocks it runs (not the head
-  after the last quantized block).
+  after the last quantized block);
+- ``refine`` (``--refine block``): its float stream, quantized stream and float block outputs of
+  ``refine_samples`` sequences at the largest block boundary.
 
 Measured against it (``docs/results.md``): block by block, the TinyLlama-1.1B shape peaks at 65 %
 of this estimate and the Llama-2-7B shape at 48 %.
@@ -114,10 +116,13 @@ def _boundary(gm: fx.GraphModule, blocks: list[Block], batches: int, batch: int,
 
 def estimate_memory(gm: fx.GraphModule, *, samples: int, seq_len: int, batch_size: int, loss_samples: int,
                     weight_bytes: int, blocks: list[Block] | None = None, block_bytes: list[int] | None = None,
-                    outside_bytes: int = 0, offload: bool = False) -> MemoryEstimate:
+                    outside_bytes: int = 0, offload: bool = False, refine_samples: int = 0,
+                    refine_blocks: list[Block] | None = None) -> MemoryEstimate:
     """Peak memory of a run (see the module docstring). ``blocks``: the blocks the block-by-block
     mode runs; ``block_bytes``: the weight bytes of each quantized block; ``outside_bytes``: those
-    of the largest block without a quantized weight (embeddings, head)."""
+    of the largest block without a quantized weight (embeddings, head); ``refine_samples``: the
+    sequences ``--refine block`` learns on, ``refine_blocks`` the blocks it cuts a whole graph into
+    (block-by-block mode: ``blocks``)."""
     batches = -(-samples // batch_size)
     est = MemoryEstimate()
     est.parts["runtime"] = RUNTIME_BYTES
@@ -132,6 +137,9 @@ def estimate_memory(gm: fx.GraphModule, *, samples: int, seq_len: int, batch_siz
     if loss_samples:
         est.parts["activations"] = max(est.parts["activations"],
                                        _activations(gm, nodes, min(loss_samples, samples), seq_len))
+    refine_blocks = blocks if blocks is not None else refine_blocks
+    if refine_samples and refine_blocks:
+        est.parts["refine"] = 3 * _boundary(gm, refine_blocks, 1, min(refine_samples, samples), seq_len)
     return est
 
 

@@ -173,6 +173,7 @@ def _search_kwargs(args: argparse.Namespace) -> dict:
                 propagate=args.propagate,
                 refine=args.refine, refine_damp=args.refine_damp, refine_act_order=args.refine_act_order,
                 refine_iters=args.refine_iters, refine_lr=args.refine_lr, refine_batch=args.refine_batch,
+                refine_samples=args.refine_samples,
                 calib_dtype=dtype, search_dtype=dtype, **_act_kwargs(args), **_target_kwargs(args))
 
 
@@ -400,7 +401,10 @@ def _quant_flags(p: argparse.ArgumentParser, group_size: int, multi_bits: bool =
     s.add_argument("--refine-lr", type=float, default=r.lr,
                    help="--refine block: first step size, decaying linearly to 0 (default 1 / --refine-iters)")
     s.add_argument("--refine-batch", type=int, default=r.batch,
-                   help=f"--refine block: loss-sample sequences per step (default {r.batch})")
+                   help=f"--refine block: sequences per step (default {r.batch})")
+    s.add_argument("--refine-samples", type=int, default=r.samples,
+                   help="--refine block: calibration sequences it learns on, spread over the calibration set, "
+                        f"the search's loss sample first (default {r.samples})")
     s.add_argument("--propagate", choices=["fp", "quant"], default=d.propagate,
                    help="later groups see float (fp, reference) or already-quantized (quant) earlier outputs "
                         f"(default {d.propagate})")

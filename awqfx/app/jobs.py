@@ -42,6 +42,7 @@ from awqfx.formats.common import alias_groups
 from awqfx.memory import peak_rss_mb
 from awqfx.params import get_param
 from awqfx.search import gap_recovered
+from awqfx.search.block_rounding import blocks_to_refine
 from awqfx.sequential import compute_dtype_for, open_sequential, quantize_sequential
 
 log = logging.getLogger(__name__)
@@ -295,8 +296,9 @@ def _quantize_whole(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fmt
     fp_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     est = budget.estimate_memory(gm, samples=samples if calib is not None else 0, seq_len=seq_len,
                                  batch_size=cfg.runtime.batch_size,
-                                 loss_samples=cfg.recorded_samples if calib is not None else 0,
-                                 weight_bytes=fp_bytes)
+                                 loss_samples=cfg.replayed_samples if calib is not None else 0,
+                                 weight_bytes=fp_bytes, refine_samples=cfg.refine_samples,
+                                 refine_blocks=blocks_to_refine(gm, observed.groups) if cfg.refine_samples else None)
     budget.check_fits(est, cfg.runtime.device, "lower --seq-len or --samples, or quantize block by block (--sequential)")
     rep.facts["memory estimate"] = f"{est.total / 2**30:.2f} GiB ({est.describe()})"
     if cfg.needs_calibration:
@@ -369,7 +371,7 @@ def _quantize_blocks(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fm
     last = max(i for i, q in enumerate(is_quantized) if q) if any(is_quantized) else -1
     est = budget.estimate_memory(sm.gm, samples=samples if cfg.needs_calibration else 0, seq_len=seq_len,
                                  batch_size=cfg.runtime.batch_size,
-                                 loss_samples=cfg.recorded_samples,
+                                 loss_samples=cfg.replayed_samples, refine_samples=cfg.refine_samples,
                                  weight_bytes=sum(sizes), blocks=sm.blocks[: last + 1],
                                  block_bytes=[s for s, q in zip(sizes, is_quantized) if q],
                                  outside_bytes=max((s for s, q in zip(sizes, is_quantized) if not q), default=0),

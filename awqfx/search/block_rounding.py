@@ -14,11 +14,12 @@ learns
 by signed gradient descent (step ``lr`` = 1 / iters by default, decaying linearly to 0; round
 and the zero point's round pass gradients straight through) on the mean squared error between
 the block's output with those weights, run on the *quantized* stream (the outputs of the blocks
-before it, already rounded), and the float block's output on the float stream. The loss sample
-(``Runtime.loss_samples`` sequences) is cut into mini-batches of ``Refine.batch`` sequences
-taken in turn. The kept state is the one with the lowest loss relative to its mini-batch's
-starting loss; if on the whole loss sample it is not better than where it started (the searched
-grid rounded to nearest), the block keeps its start: a block is never made worse on the data.
+before it, already rounded), and the float block's output on the float stream. The refine
+sample (``Refine.samples`` calibration sequences, the search's loss sample first) is cut into
+mini-batches of ``Refine.batch`` sequences taken in turn. The kept state is the one with the
+lowest loss relative to its mini-batch's starting loss; if on the whole refine sample it is not
+better than where it started (the searched grid rounded to nearest), the block keeps its start:
+a block is never made worse on the data.
 
 The result is plain plan data: the ranges as absolute ``max_val`` / ``min_val`` and the integer
 codes, exactly what :func:`awqfx.quant.quantize_weight` (``codes=``) dequantizes.
@@ -51,7 +52,7 @@ from awqfx.plan import WeightPlan
 from awqfx.quant import SCALE_EPS, QuantSpec, compute_qparams, group_bounds
 from awqfx.search.clip import clip_centre, group_minmax, shrink_toward
 
-__all__ = ["refine_blocks"]
+__all__ = ["blocks_to_refine", "refine_blocks"]
 
 MIN_RATIO = 0.5  # the narrowest range a group may learn, as a share of its own (the clip search's default limit)
 
@@ -161,10 +162,12 @@ def _ratio(bound: torch.Tensor | None, own: torch.Tensor, centre: torch.Tensor) 
     return torch.where(span == 0, torch.ones_like(own), (bound.to(own) - centre) / safe).clamp(0.0, 1.0)
 
 
-def _blocks(gm: fx.GraphModule, groups: list[ScaleGroup]) -> list[Block]:
+def blocks_to_refine(gm: fx.GraphModule, groups: list[ScaleGroup]) -> list[Block]:
+    """The blocks the refine trains one at a time: the graph's decoder layers, or the whole graph
+    as one block when it does not split (block-by-block mode hands the search one block)."""
     try:
         return split_blocks(gm, groups)
-    except BlockSplitError:  # one block already (block-by-block mode searches one at a time)
+    except BlockSplitError:
         return [whole_block(gm)]
 
 
@@ -232,12 +235,12 @@ def refine_blocks(gm: fx.GraphModule, groups: list[ScaleGroup], weights: dict[st
     their plans (``max_val``, ``min_val``, ``codes``; a block left at its start keeps its plans);
     returns one loss record per block trained.
 
-    ``gm``: the folded float graph (the search's result, no observers); ``chunks``: the loss
+    ``gm``: the folded float graph (the search's result, no observers); ``chunks``: the refine
     sample as graph inputs, one dict per mini-batch, on the graph's device; ``quant_chunks``: the
     same rows as the quantized model feeds ``gm`` (a block of block-by-block mode, after the
     blocks before it were quantized), None: the same as ``chunks``; ``tokens``: how many tokens
-    the loss sample holds (recorded in each weight's info)."""
-    blocks = _blocks(gm, groups)
+    the refine sample holds (recorded in each weight's info)."""
+    blocks = blocks_to_refine(gm, groups)
     active = [b.index for b in blocks if any(w in names for w in b.params)]
     if not active:
         return []

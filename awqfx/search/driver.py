@@ -140,9 +140,9 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     tensors), so each folded weight replaces its float original instead of adding a copy -- for a
     caller that holds no other reference to them and needs neither again (block-by-block mode).
     With ``propagate="quant"`` the observed graph keeps them: its final fold starts from them.
-    ``quant_inputs`` (``--refine block``): the loss sample's graph inputs as the quantized model
-    computes them (block-by-block mode: the quantized stream at the block's boundary; same keys
-    and rows as the recorded sample); None: the recorded ones.
+    ``quant_inputs`` (``--refine block``): the refine sample's graph inputs (the first
+    ``refine_samples`` recorded rows) as the quantized model computes them (block-by-block mode:
+    the quantized stream at the block's boundary; same keys and rows); None: the recorded ones.
     """
     cfg = config or observed.config
     if not cfg.needs_calibration:
@@ -273,12 +273,13 @@ def search(observed: ObservedGraph, config: AWQConfig | None = None, progress: b
     if refined and not refine_set:  # --refine block: on the folded float graph, after every range is known
         with cfg.autocast("search", device, float_dtype(final)):
             unbatched = observed.unbatched_inputs()
+            taught = loss_sample(observed, cfg.refine_samples, "refine_samples")
             block_records = refine_blocks(
-                final, groups, weights, refined, chunk_sample(sample, cfg.refine.batch, device, unbatched), cfg.refine,
+                final, groups, weights, refined, chunk_sample(taught, cfg.refine.batch, device, unbatched), cfg.refine,
                 progress=progress and distributed.is_main(),
                 quant_chunks=None if quant_inputs is None else chunk_sample(quant_inputs, cfg.refine.batch, device,
                                                                             unbatched),
-                tokens=max((v.shape[0] * v.shape[1] for k, v in sample.items()  # rows x sequence
+                tokens=max((v.shape[0] * v.shape[1] for k, v in taught.items()  # rows x sequence
                             if isinstance(v, torch.Tensor) and v.dim() >= 2 and k not in unbatched), default=0))
     t_refine = time.perf_counter() - t_refine
     replay_s, replayed = stream.seconds, stream.nodes_run

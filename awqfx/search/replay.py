@@ -38,17 +38,19 @@ def _n_rows(sample: dict[str, Any], fixed: set[str]) -> int | None:
     return None if first is None else int(first.shape[0])
 
 
-def loss_sample(observed: ObservedGraph, loss_samples: int) -> dict[str, Any]:
-    """The recorded graph inputs, first ``loss_samples`` rows; warns when fewer were recorded."""
+def loss_sample(observed: ObservedGraph, loss_samples: int, what: str = "loss_samples") -> dict[str, Any]:
+    """The recorded graph inputs, first ``loss_samples`` rows; warns (naming the setting ``what``)
+    when fewer were recorded."""
     sample = _rows(observed, 0, loss_samples)
     n_rows = _n_rows(sample, observed.unbatched_inputs())
     if n_rows is None:
         raise RuntimeError("no loss sample was recorded (the graph has no tensor inputs?)")
     if n_rows < loss_samples:
-        recorded = observed.config.runtime.loss_samples
-        why = (f"prepare recorded only {recorded} (its config's loss_samples); pass the larger value to prepare"
-               if recorded < loss_samples else f"calibration had only {n_rows} sequences")
-        log.warning("search: loss_samples=%d asked for, %d available: %s", loss_samples, n_rows, why)
+        recorded = observed.config.recorded_samples
+        why = (f"prepare recorded only {recorded} (its config's loss_samples + guard_samples, or refine_samples); "
+               f"pass the larger value to prepare" if recorded < loss_samples
+               else f"calibration had only {n_rows} sequences")
+        log.warning("search: %s=%d asked for, %d available: %s", what, loss_samples, n_rows, why)
     return sample
 
 
