@@ -60,13 +60,15 @@ def _disk_bytes(model: nn.Module, packed: bool) -> int:
         return sum(f.stat().st_size for f in out.glob("*.safetensors")) or dir_size(out)
 
 
-def _best_seconds(fn: Callable[[], Any], repeats: int, device: str) -> float:
+def _best_seconds(fn: Callable[..., Any], repeats: int, device: str, setup: Callable[[], tuple] = tuple) -> float:
+    """The fastest of ``repeats`` timed calls ``fn(*setup())``; ``setup`` runs untimed before each."""
     best = float("inf")
     for _ in range(repeats):
+        args = setup()
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        fn()
+        fn(*args)
         if device == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
@@ -84,7 +86,8 @@ def prefill_tok_s(model: nn.Module, prompt: torch.Tensor, repeats: int) -> float
 def decode_tok_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int,
                  compile: bool = False) -> float:
     """Tokens/s of ``new_tokens`` greedy steps for every row of ``prompt`` on a static KV cache
-    (the step ``torch.compile``'d when ``compile``; its compilation happens before the timing)."""
+    (the step ``torch.compile``'d when ``compile``; its compilation happens before the timing).
+    Only the steps are timed, each repeat after its own untimed prefill."""
     batch, length = prompt.shape
     step = torch.compile(model.forward, dynamic=False) if compile else model.forward
     # transformers 5 renames the forward's past_key_values to cache (5.24 warns on the old name)
@@ -96,17 +99,16 @@ def decode_tok_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeat
                     **{cache_arg: cache})
         return cache, out.logits[:, -1:].argmax(-1)
 
-    def run() -> None:
-        cache, token = prefill()
+    def decode(cache: StaticCache, token: torch.Tensor) -> None:
         for i in range(new_tokens):
             position = torch.tensor([length + i], device=prompt.device)
             out = step(token, use_cache=True, cache_position=position, **{cache_arg: cache})
             token = out.logits[:, -1:].argmax(-1)
 
-    run()  # warm-up (and compilation)
-    prefill_s = _best_seconds(prefill, repeats, prompt.device.type)
-    total = _best_seconds(run, repeats, prompt.device.type)
-    return batch * new_tokens / max(total - prefill_s, 1e-9)
+    decode(*prefill())  # warm-up (and compilation)
+    # only the steps are timed: the prefill, often slower than all the steps together, runs before
+    # the clock starts (timing both and subtracting a separately timed prefill added its noise)
+    return batch * new_tokens / _best_seconds(decode, repeats, prompt.device.type, setup=prefill)
 
 
 _SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
