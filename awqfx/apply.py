@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
@@ -37,6 +38,7 @@ import torch.nn as nn
 
 from awqfx.act_quant import fake_quantize_activation
 from awqfx.config import ActSpec
+from awqfx.groups import ScaleGroup
 from awqfx.int8_linear import pack_int8_model
 from awqfx.packed_experts import pack_experts
 from awqfx.packed_model import pack_model
@@ -48,7 +50,7 @@ from awqfx.passes.pack_linears import pack_linears
 from awqfx.passes.quantize_linears import quantize_linears
 from awqfx.plan import AWQPlan
 
-__all__ = ["apply_plan", "InputScale", "QuantizedInput", "deepcopy_module", "WEIGHT_MODES"]
+__all__ = ["apply_plan", "check_module_tree", "InputScale", "QuantizedInput", "deepcopy_module", "WEIGHT_MODES"]
 
 WEIGHT_MODES = ("fake", "packed", "float", "smoothed")
 
@@ -106,6 +108,29 @@ def _check_names(target: nn.Module, plan: AWQPlan) -> None:
         raise ValueError(f"the plan names parameters this module does not have: {missing[:5]}")
 
 
+def check_module_tree(groups: Iterable[ScaleGroup], weights: Iterable[str]) -> None:
+    """Refuse ``groups`` the module-tree applier cannot hold. There an activation group's ``1/s`` is a
+    pre-hook on the input of the module that owns the consumer weight; that is the weight's input only
+    when none of the other ``weights`` (the linear-like weights of the model) that module owns is
+    outside the group, not when its input feeds a weight of another group first (fused experts whose
+    gate/up output reaches down_proj inside the module). Checked before calibration by the CLI, and by
+    :func:`apply_plan` on a module tree."""
+    weights = list(weights)
+    for group in groups:
+        if group.producer.kind != "activation":
+            continue
+        mine = {c.weight for c in group.consumers}
+        for weight in sorted(mine):
+            owner = weight.rpartition(".")[0]
+            others = sorted(w for w in weights if w.rpartition(".")[0] == owner and w not in mine)
+            if others:
+                raise ValueError(
+                    f"the plan scales the input of {weight} after an activation inside module {owner!r}, whose "
+                    f"input feeds {others[0]} instead: the module tree cannot hold that scale. Apply the plan to "
+                    f"the captured graph (awqfx.convert / apply_plan on the GraphModule), or search with "
+                    f"drop_unfoldable=True (--drop-unfoldable) to leave such groups unscaled")
+
+
 def _fold_module_tree(model: nn.Module, plan: AWQPlan) -> None:
     for gp in plan.groups:
         fold_parameters(model, gp.group, full_scale(gp.group, gp.scale).to(torch.float64))
@@ -124,8 +149,10 @@ def apply_plan(target: nn.Module, plan: AWQPlan, weights: str = "fake", inplace:
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights must be one of {', '.join(map(repr, WEIGHT_MODES))}, got {weights!r}")
     _check_names(target, plan)
+    graph = isinstance(target, fx.GraphModule)
+    if not graph:
+        check_module_tree([gp.group for gp in plan.groups], plan.weights)
     out = target if inplace else deepcopy_module(target)
-    graph = isinstance(out, fx.GraphModule)
     if graph:
         remove_observers(out)
         fold_scales(out, [gp.group for gp in plan.groups], [gp.scale for gp in plan.groups])

@@ -194,3 +194,30 @@ def test_clip_only_search_keeps_scales_at_one(llama):
     assert clipped == set(plan.weights) - set(obs.discovery.attention_qk)
     rtn = search(obs, AWQConfig.rtn(QuantSpec(4, 16)), progress=False)
     assert all(wp.max_val is None for wp in rtn.weights.values())
+
+
+def test_module_tree_refuses_an_input_scale_inside_fused_experts():
+    """gpt-oss: gate_up_proj and down_proj are parameters of one experts module, with a clamped GLU
+    between them, so down_proj's group is an activation group whose ``1/s`` sits inside the module. The
+    graph applier holds it as a node; a pre-hook on the module's input would scale the hidden states
+    gate_up_proj reads, so the module-tree applier refuses the plan (before any work) instead."""
+    m = build("gpt_oss")
+    gm = awqfx.capture(m)
+    ids = token_ids()
+    for drop in (False, True):
+        cfg = AWQConfig.of(bits=4, group_size=16, drop_unfoldable=drop)
+        obs = prepare(gm, cfg)
+        calibrate(obs, _calib(), progress=False)
+        plan = search(obs, progress=False)
+        acts = [gp.group.consumers[0].weight for gp in plan.groups if gp.group.producer.kind == "activation"]
+        with torch.no_grad():
+            expect = apply_plan(awqfx.capture(m), plan)(ids)
+        if not drop:
+            assert acts == ["model.layers.0.mlp.experts.down_proj", "model.layers.1.mlp.experts.down_proj"]
+            with pytest.raises(ValueError, match="inside module 'model.layers.0.mlp.experts', whose input feeds "
+                                                 "model.layers.0.mlp.experts.gate_up_proj instead"):
+                apply_plan(m, plan)
+            continue
+        assert acts == []
+        with torch.no_grad():
+            torch.testing.assert_close(apply_plan(m, plan)(ids, use_cache=False).logits, expect, rtol=1e-5, atol=1e-5)

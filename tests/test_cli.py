@@ -358,3 +358,18 @@ def test_eval_text_names_and_calib_check(tiny_dir, capsys, monkeypatch):
     assert texts == [awqfx.app.assets.eval_text()] * 2
     assert main(["eval", str(tiny_dir), "--text", "wiki"]) == 2
     assert "--text 'wiki' is neither a named text (plays, prose, licenses) nor a file" in capsys.readouterr().err
+
+
+def test_quantize_refuses_a_scale_the_module_tree_cannot_hold_before_calibrating(tmp_path, capsys, monkeypatch):
+    """gpt-oss's down_proj scale sits inside its experts module (tests/test_api.py); the CLI packs the
+    module tree, so it says so before calibrating and writes nothing, and --drop-unfoldable goes through."""
+    src = tmp_path / "gpt_oss"
+    save_model_dir(src, "gpt_oss")
+    calls = []
+    monkeypatch.setattr("awqfx.app.jobs.calibrate", lambda *a, **k: calls.append(a))
+    assert main(["quantize", str(src), "--out", str(tmp_path / "q"), "--group-size", "32"] + QUICK) == 1
+    assert calls == [] and not (tmp_path / "q").exists()
+    assert "inside module 'model.layers.0.mlp.experts', whose input feeds" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["quantize", str(src), "--out", str(tmp_path / "d"), "--group-size", "32", "--drop-unfoldable",
+                 "--format", "awqfx"] + QUICK) == 0

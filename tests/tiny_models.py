@@ -1,4 +1,4 @@
-"""Tiny random-init causal LMs for 19 architectures, built from transformers configs (no hub).
+"""Tiny random-init causal LMs for 20 architectures, built from transformers configs (no hub).
 
 Sizes are chosen so every structural feature is present (GQA with 2 query heads per kv head,
 2 layers, MoE with 4 experts) while a forward pass takes milliseconds.
@@ -48,6 +48,9 @@ def config(name: str, **overrides):
         "cohere": lambda: T.CohereConfig(**common, logit_scale=0.25, **special_tokens),
         "olmo2": lambda: T.Olmo2Config(**common, **special_tokens),
         "starcoder2": lambda: T.Starcoder2Config(**common, **special_tokens),
+        # not in the lists above: its experts' clamped GLU makes down_proj's group an activation group
+        "gpt_oss": lambda: T.GptOssConfig(**common, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                          sliding_window=64, layer_types=["sliding_attention", "full_attention"]),
     }
     cfg = builders[name]()
     for k, v in overrides.items():

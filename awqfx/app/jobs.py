@@ -20,7 +20,7 @@ from awqfx import distributed
 from awqfx.api import calibrate, convert, prepare, search
 from awqfx.app import assets, budget
 from awqfx.app.evaluate import perplexity, windows_for_eval
-from awqfx.apply import apply_plan
+from awqfx.apply import apply_plan, check_module_tree
 from awqfx.capture import capture
 from awqfx.checkpoint import Checkpoint, CheckpointError
 from awqfx.config import AWQConfig, ConfigError
@@ -293,6 +293,7 @@ def _quantize_whole(rep: Report, model_dir: Path, out: Path, cfg: AWQConfig, fmt
     rep.facts["scale groups"] = f"{len(d.groups)} found, {len(d.rejected)} rejected candidates"
     refuse_unfit_format(fmt, observed, cfg, model, source)
     report_dropped(rep, observed)
+    check_module_tree(observed.groups, observed.linears)  # the plan is applied to the module tree below
     fp_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     est = budget.estimate_memory(gm, samples=samples if calib is not None else 0, seq_len=seq_len,
                                  batch_size=cfg.runtime.batch_size,
