@@ -297,7 +297,9 @@ def _hint(v: Any) -> Any:
         hint = getattr(node, "hint", None)
         if hint is not None:
             return int(hint)
-        return int(node.shape_env.size_hint(node.expr))
+        # a data-dependent size (the tokens routed to one expert, from nonzero) has no example
+        # value: the shape env's own stand-in for it, or 1
+        return int(node.shape_env.optimization_hint(node.expr, fallback=1))
     if isinstance(v, torch.SymFloat):
         return float(v.node.hint) if v.node.hint is not None else float(v.node.shape_env.size_hint(v.node.expr))
     if isinstance(v, torch.SymBool):

@@ -16,7 +16,7 @@ import torch.nn as nn
 from tiny_models import ARCHITECTURES, EXTRA_ARCHITECTURES, build, token_ids
 
 import awqfx
-from awqfx.graph import DATA_MOVEMENT, IDENTITY, linear_op, op_name, param_name
+from awqfx.graph import DATA_MOVEMENT, IDENTITY, linear_op, op_name, param_name, shape_of
 from awqfx.groups import Consumer, Producer, ScaleGroup
 from awqfx.passes.discover import DiscoveryError, discover
 from awqfx.passes.fold import fold_scales
@@ -546,3 +546,28 @@ def test_graph_without_shapes():
     gm = torch.fx.symbolic_trace(_UserMLP())
     with pytest.raises(DiscoveryError, match="no shape information"):
         discover(gm)
+
+
+def test_a_data_dependent_size_does_not_stop_discovery():
+    """MoE layers that route with ``nonzero`` (JetMoE's experts) give nodes a size with no example
+    value; reading shapes must not fail on it, and the groups around it are still found."""
+
+    class Routed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(8)
+            self.up = torch.nn.Linear(8, 16)
+            self.down = torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            h = self.norm(x)
+            rows = (h[:, 0] > 0).nonzero()[:, 0]  # a data-dependent number of rows
+            return x.index_add(0, rows, self.down(torch.relu(self.up(h[rows]))))
+
+    gm = torch.export.export(Routed().eval(), (torch.randn(6, 8),)).module()
+    routed = next(n for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target))
+    n_rows, width = shape_of(routed)
+    assert width == 16 and n_rows >= 1
+    groups = discover(gm).groups
+    assert [(g.producer.weight, [c.weight for c in g.consumers]) for g in groups] == [
+        ("norm.weight", ["up.weight"]), ("up.weight", ["down.weight"])]
